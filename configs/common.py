@@ -1,0 +1,91 @@
+"""Defaults shared by every experiment config.
+
+Each model config (`resnet18.py`, `efficientnet_b0.py`, `vit_b16.py`, `demo.py`) starts from
+`get_config()` here, adds its model-specific keys and picks its variant from the `:arg` of
+`--config configs/<model>.py:<variant>`. Every key can be overridden on the command line with
+`--config.<a>.<b>=value`; the keys other tools rely on are listed in docs/architecture.md.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.parallel = 'pmap'  # 'pmap' | 'sharded' (jit over a Mesh)
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = 'resnet18'
+  c.model.num_classes = 102
+
+  c.init = ml_collections.ConfigDict()
+  c.init.torchvision = ''  # .pth state_dict or converted checkpoint dir; '' = random init
+
+  c.data = ml_collections.ConfigDict()
+  c.data.source = 'folder'  # 'tfds' | 'folder' | 'imagefolder'
+  c.data.dir = ''
+  c.data.image_size = 224
+  c.data.train_augment = 'rrc_flip'  # 'rrc_flip' | 'flip' | 'none'
+  c.data.eval_resize = 0  # 0: round(image_size * 256 / 224)
+  c.data.interpolation = 'bilinear'
+  c.data.skip_corrupt = False
+  c.data.cache = True
+  c.data.threads = 0  # 0: tf.data AUTOTUNE
+  c.data.prefetch = 2
+
+  c.train = ml_collections.ConfigDict()
+  c.train.epochs = 20
+  c.train.batch_size = 32  # global batch, split over hosts and devices
+  c.train.eval_batch_size = 64
+  c.train.freeze = 'none'  # 'none' | 'backbone' | comma-separated regexes on param paths
+  c.train.loss = 'ce'  # 'ce' | 'tcel' | 'triplet' | 'tcel_hard'
+  c.train.label_smoothing = 0.0
+  c.train.triplet_margin = 1.0
+  c.train.triplet_weight = 1.0
+  c.train.pk_k = 4  # images per class in P x K batches (loss 'tcel_hard')
+  c.train.dtype = 'float32'  # 'float32' | 'bfloat16' (compute dtype; params stay float32)
+  c.train.log_every = 10  # steps between progress lines
+  c.train.max_steps_per_epoch = 0  # 0: full epochs; >0 truncates (smoke tests)
+  c.train.checkpoint = True
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.name = 'sgd'  # 'sgd' | 'adamw'
+  c.optim.lr = 0.01
+  c.optim.momentum = 0.9
+  c.optim.nesterov = False
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.999
+  c.optim.weight_decay = 1e-4
+  c.optim.schedule = 'cosine'  # 'constant' | 'step' | 'cosine'
+  c.optim.warmup_steps = 0
+  c.optim.step_boundaries = (0.5, 0.75)
+  c.optim.step_factor = 0.1
+  c.optim.clip_norm = 0.0
+  c.optim.decay_norm_and_bias = False
+
+  c.distributed = ml_collections.ConfigDict()
+  c.distributed.coordinator_address = ''  # 'host:port' to call jax.distributed.initialize
+  c.distributed.num_processes = 1
+  c.distributed.process_id = 0
+  return c
+
+
+def select_variant(config, arg, variants):
+  """Applies `variants[arg]` (a dict of dotted key -> value) to `config`.
+
+  Raises ValueError naming the valid variants when `arg` is unknown.
+  """
+  arg = arg or 'finetune'
+  if arg not in variants:
+    raise ValueError(
+        f'unknown variant {arg!r}; valid variants: {", ".join(sorted(variants))}')
+  for dotted, value in variants[arg].items():
+    node = config
+    *parents, leaf = dotted.split('.')
+    for p in parents:
+      node = node[p]
+    if leaf not in node:
+      raise KeyError(f'variant {arg!r} sets unknown key {dotted!r}')
+    node[leaf] = value
+  config.variant = arg
+  return config

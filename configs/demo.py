@@ -1,0 +1,32 @@
+r"""A CPU-sized demo: ResNet18 from random init on a synthetic Flowers102-format set.
+
+`make demo` writes the data set with scripts/make_fake_flowers.py and runs
+
+  python -m flowers_jax.main --config configs/demo.py --workdir runs/demo \
+      --config.data.dir=runs/demo_data
+
+Variants: `default` only (the `:arg` is optional).
+"""
+
+from configs import common
+
+VARIANTS = {'default': {}}
+
+
+def get_config(arg=None):
+  c = common.get_config()
+  c.model.name = 'resnet18'
+  c.model.num_classes = 10
+  c.model.deform = 'none'
+  c.model.deform_init = 'random'
+  c.data.dir = 'runs/demo_data'
+  c.data.image_size = 64
+  c.train.epochs = 6
+  c.train.batch_size = 32
+  c.train.eval_batch_size = 64
+  c.train.log_every = 5
+  c.optim.name = 'adamw'
+  c.optim.lr = 2e-3
+  c.optim.weight_decay = 0.05
+  c.optim.warmup_steps = 10
+  return common.select_variant(c, arg or 'default', VARIANTS)

@@ -1,0 +1,60 @@
+r"""Command line: train and evaluate one experiment.
+
+  python -m flowers_jax.main --config configs/resnet18.py:finetune --workdir runs/r18 \
+      --config.data.dir=~/flowers102 --config.train.epochs=5
+
+`--config FILE.py:VARIANT` picks a config file and one of its variants (listed in the file's
+docstring); any key can be overridden with `--config.a.b=value`. Running again on the same
+`--workdir` resumes an interrupted run.
+"""
+
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from flowers_jax import config_utils
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file('config', None, 'Experiment config: configs/<model>.py:<variant>.',
+                                lock_config=True)
+flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and results.')
+
+
+def _fail(message: str) -> None:
+  print(f'error: {message}', file=sys.stderr)
+  sys.exit(2)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl flag parsing, with one-line errors for bad config files, variants and keys."""
+  spec = config_utils.config_spec_from_argv(argv)
+  if spec is not None and not any(a in ('--help', '--helpfull', '-h') for a in argv):
+    try:
+      config_utils.check_override_keys(config_utils.load_config(spec), argv)
+    except Exception as e:  # the config file's own error (unknown variant, ...) in one line
+      _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    _fail(str(e).splitlines()[0])
+
+
+def main(argv):
+  del argv
+  if FLAGS.config is None or FLAGS.workdir is None:
+    _fail('both --config configs/<model>.py:<variant> and --workdir DIR are required '
+          '(see --help)')
+  config = FLAGS.config
+  from flowers_jax import parallel
+  parallel.initialize_distributed(config.distributed.coordinator_address,
+                                  config.distributed.num_processes, config.distributed.process_id)
+  from flowers_jax import train
+  try:
+    train.train_and_evaluate(config, FLAGS.workdir)
+  except (FileNotFoundError, ValueError, train.NonFiniteLossError) as e:
+    _fail(str(e).splitlines()[0])
+
+
+if __name__ == '__main__':
+  app.run(main, flags_parser=parse_flags)
