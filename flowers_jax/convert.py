@@ -1,0 +1,437 @@
+"""torchvision state_dict <-> Flax variables, one declarative table used both ways.
+
+    variables, report = torchvision_to_flax('resnet18', 'resnet18.pth', num_classes=102)
+    print(report.summary())
+    state_dict = flax_to_torchvision('resnet18', variables)   # numpy, torch key names
+
+How a Flax leaf finds its torch key
+-----------------------------------
+Flax submodules are named after torchvision's module paths, so a leaf path
+'collection/m1/m2/.../leaf' maps to the torch key 'm1.m2....<torch leaf>' through the
+generic table `LEAF_RULES` (keyed by collection, Flax leaf name and ndim):
+
+    params/kernel 4-D   <-> weight        OIHW <-> HWIO, transpose(2, 3, 1, 0)
+                                          (depthwise: (C,1,k,k) <-> (k,k,1,C), same rule)
+    params/kernel 3-D   <-> weight        conv1d (O,I,K) <-> (K,I,O), transpose(2, 1, 0)
+    params/kernel 2-D   <-> weight        Linear, .T
+    params/bias         <-> bias
+    params/scale        <-> weight        BatchNorm, LayerNorm
+    batch_stats/mean    <-> running_mean
+    batch_stats/var     <-> running_var
+    (torch *.num_batches_tracked is dropped)
+
+e.g. ('params', 'layer1', '0', 'conv1', 'kernel') <-> 'layer1.0.conv1.weight'.
+
+Special rows: how a model adds leaves the generic table does not cover
+----------------------------------------------------------------------
+(ViT: class_token, encoder.pos_embedding, the q/k/v split of in_proj_*, out_proj,
+older `mlp.linear_1` keys.) In the model file, pass `torch_rules` and `torch_aliases`
+to the registration decorator; nothing in this file changes::
+
+    from flowers_jax.models import registry
+
+    def _split_qkv_kernel(w):           # torch (2304, 768) -> 3 x (768, 12, 64)
+      return tuple(m.T.reshape(768, 12, 64) for m in np.split(w, 3))
+
+    def _merge_qkv_kernel(q, k, v):     # inverse
+      return np.concatenate([m.reshape(768, 768).T for m in (q, k, v)])
+
+    _L = 'encoder/layers/{layer}/self_attention'
+    TORCHVISION_RULES = (
+        registry.TorchRule('class_token', 'params/class_token'),         # identity
+        registry.TorchRule('encoder.pos_embedding', 'params/encoder/pos_embedding'),
+        registry.TorchRule('encoder.layers.{layer}.self_attention.in_proj_weight',
+                           tuple(f'params/{_L}/{n}/kernel' for n in ('query', 'key', 'value')),
+                           to_flax=_split_qkv_kernel, to_torch=_merge_qkv_kernel),
+        ...)
+    TORCHVISION_ALIASES = ((r'\\.mlp\\.linear_1\\.', '.mlp.0.'), (r'\\.mlp\\.linear_2\\.', '.mlp.3.'))
+
+    @registry.register('vit_b16', head=r'^heads/', torchvision='vit_b_16',
+                       torch_rules=TORCHVISION_RULES, torch_aliases=TORCHVISION_ALIASES)
+    def vit_b16(num_classes=1000, *, bn_axis_name=None, dtype=jnp.float32, ...): ...
+
+A `TorchRule(torch, flax, to_flax=identity, to_torch=identity)` maps one torch key to
+one or more Flax paths (with the collection prefix). `{field}` placeholders match one
+path segment ('encoder_layer_3') and must appear on both sides. `to_flax(array)` returns
+one array per Flax path, `to_torch(*arrays)` the torch array; both get numpy arrays.
+A `to_flax` with a keyword parameter `target_shapes` also receives the shapes of its
+Flax leaves (in `flax` order), e.g. to resize a position embedding to the model's.
+Special rules are tried before the generic table. Aliases ((regex, replacement) pairs)
+rename incoming torch keys only.
+
+What loading checks
+-------------------
+The target tree is `jax.eval_shape(model.init, ...)`; every converted leaf is
+shape-checked. A mismatch raises, naming the torch key and both shapes, except for the
+classifier head (`models.HEAD_PATTERNS`): a head of another size is reported 'dropped'
+and freshly initialised. Torch keys the model lacks (SE weights in an ECA model) are
+'dropped'; Flax leaves no torch key fills (ECA, deformable layers, a new head) are
+'initialised' by the model's own initialisers with a fixed seed (`rng`).
+
+Checkpoint directories
+----------------------
+`scripts/convert_torchvision.py` writes converted variables as an orbax checkpoint
+(`save_variables`), read back by `load_variables`; `torchvision_to_flax` accepts such a
+directory (or a .pth file) in place of a state_dict, so training needs no torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import os
+import re
+from typing import Any, Callable, Mapping
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+from flowers_jax import models
+
+Array = np.ndarray
+
+
+def _hwio_to_oihw(x):
+  return np.transpose(x, (3, 2, 0, 1))
+
+
+def _oihw_to_hwio(x):
+  return np.transpose(x, (2, 3, 1, 0))
+
+
+def _flip3(x):  # conv1d (O, I, K) <-> (K, I, O); its own inverse
+  return np.transpose(x, (2, 1, 0))
+
+
+def _same(x):
+  return x
+
+
+@dataclasses.dataclass(frozen=True)
+class LeafRule:
+  torch_leaf: str
+  to_torch: Callable[[Array], Array]
+  to_flax: Callable[[Array], Array]
+
+
+# (collection, Flax leaf name, ndim or None for any) -> rule.
+LEAF_RULES: dict[tuple[str, str, int | None], LeafRule] = {
+    ('params', 'kernel', 4): LeafRule('weight', _hwio_to_oihw, _oihw_to_hwio),
+    ('params', 'kernel', 3): LeafRule('weight', _flip3, _flip3),
+    ('params', 'kernel', 2): LeafRule('weight', np.transpose, np.transpose),
+    ('params', 'bias', None): LeafRule('bias', _same, _same),
+    ('params', 'scale', None): LeafRule('weight', _same, _same),
+    ('batch_stats', 'mean', None): LeafRule('running_mean', _same, _same),
+    ('batch_stats', 'var', None): LeafRule('running_var', _same, _same),
+}
+IGNORED_TORCH_LEAVES = ('num_batches_tracked',)
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+  """One row of a model's resolved table: a torch key and the Flax leaves it fills."""
+  torch_key: str
+  flax_paths: tuple[str, ...]
+  to_flax: Callable[..., Any]
+  to_torch: Callable[..., Any]
+
+  def flax_arrays(self, value: Array, target_shapes) -> tuple[Array, ...]:
+    """`to_flax(value)` as a tuple; `target_shapes` passed on if it takes them."""
+    if _takes_keyword(self.to_flax, 'target_shapes'):
+      out = self.to_flax(value, target_shapes=tuple(target_shapes))
+    else:
+      out = self.to_flax(value)
+    return tuple(out) if isinstance(out, (tuple, list)) else (out,)
+
+
+def _takes_keyword(fn, name: str) -> bool:
+  try:
+    return name in inspect.signature(fn).parameters
+  except (TypeError, ValueError):  # builtins without a signature
+    return False
+
+
+@dataclasses.dataclass
+class Report:
+  """What `torchvision_to_flax` did: torch keys loaded / dropped, Flax paths initialised."""
+  model: str
+  loaded: list[str] = dataclasses.field(default_factory=list)
+  initialised: list[str] = dataclasses.field(default_factory=list)
+  dropped: list[str] = dataclasses.field(default_factory=list)
+
+  def summary(self) -> str:
+    return (f'{self.model}: loaded {len(self.loaded)} torchvision tensors; '
+            f'freshly initialised {len(self.initialised)} Flax leaves '
+            f'{_short(self.initialised)}; dropped {len(self.dropped)} torch keys '
+            f'{_short(self.dropped)} (num_batches_tracked is always ignored).')
+
+
+def _short(items: list[str], n: int = 6) -> str:
+  shown = ', '.join(items[:n]) + (f', ... (+{len(items) - n})' if len(items) > n else '')
+  return f'[{shown}]'
+
+
+# --- building the table --------------------------------------------------------------
+
+def _template_regex(template: str, sep: str) -> re.Pattern:
+  """'a.{layer}.b' -> regex matching one path with `{field}` = one segment."""
+  parts = re.split(r'\{(\w+)\}', template)
+  pattern = ''.join(re.escape(p) if i % 2 == 0 else f'(?P<{p}>[^{re.escape(sep)}]+)'
+                    for i, p in enumerate(parts))
+  return re.compile(pattern + '$')
+
+
+def _match_rule(rule: models.TorchRule, path: str) -> Entry | None:
+  for template in rule.flax_paths:
+    m = _template_regex(template, '/').match(path)
+    if m:
+      fields = m.groupdict()
+      try:
+        torch_key = rule.torch.format(**fields)
+      except KeyError as e:
+        raise ValueError(f'TorchRule {rule.torch!r} lacks placeholder {e} used in '
+                         f'{template!r}') from None
+      return Entry(torch_key, tuple(t.format(**fields) for t in rule.flax_paths),
+                   rule.to_flax, rule.to_torch)
+  return None
+
+
+def _generic_entry(path: str, ndim: int) -> Entry | None:
+  collection, *modules, leaf = path.split('/')
+  rule = LEAF_RULES.get((collection, leaf, ndim)) or LEAF_RULES.get((collection, leaf, None))
+  if rule is None or not modules:
+    return None
+  return Entry('.'.join(modules + [rule.torch_leaf]), (path,), rule.to_flax, rule.to_torch)
+
+
+def table(name: str, shapes: Mapping[str, tuple[int, ...]]) -> tuple[dict[str, Entry], list[str]]:
+  """The resolved mapping for Flax leaves `shapes` ({'params/fc/kernel': shape}).
+
+  Returns ({torch_key: Entry}, [Flax paths that have no torch key]).
+  """
+  rules = models.spec(name).torch_rules
+  entries, unmapped = {}, []
+  for path, shape in shapes.items():
+    entry = next(filter(None, (_match_rule(r, path) for r in rules)), None)
+    entry = entry or _generic_entry(path, len(shape))
+    if entry is None:
+      unmapped.append(path)
+      continue
+    missing = [p for p in entry.flax_paths if p not in shapes]
+    if missing:
+      raise ValueError(f'rule for torch key {entry.torch_key!r} names Flax leaves the '
+                       f'{name} model lacks: {missing}')
+    entries[entry.torch_key] = entry
+  return entries, unmapped
+
+
+# --- helpers -------------------------------------------------------------------------
+
+def _flatten(tree) -> dict[str, Any]:
+  return flax.traverse_util.flatten_dict(flax.core.unfreeze(tree), sep='/')
+
+
+def _unflatten(flat: Mapping[str, Any]):
+  return flax.traverse_util.unflatten_dict(dict(flat), sep='/')
+
+
+def _to_numpy(value) -> Array:
+  """numpy view of a torch tensor (any device, bf16 widened) or array-like."""
+  if hasattr(value, 'detach'):
+    value = value.detach().cpu()
+    if str(value.dtype) == 'torch.bfloat16':
+      value = value.float()
+    return value.numpy()
+  return np.asarray(value)
+
+
+def _example_input(model) -> jax.ShapeDtypeStruct:
+  """[1, S, S, 3]; models whose param shapes depend on S expose `image_size`."""
+  size = getattr(model, 'image_size', None) or 224
+  return jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
+
+
+def _abstract_variables(model) -> dict[str, jax.ShapeDtypeStruct]:
+  keys = {'params': jax.random.PRNGKey(0), 'dropout': jax.random.PRNGKey(0)}
+  return _flatten(jax.eval_shape(lambda x: model.init(keys, x, train=False),
+                                 _example_input(model)))
+
+
+def _init_missing(model, loaded: Mapping[str, Any], rng) -> dict[str, Any]:
+  """`loaded` completed by the model's own initialisers (fixed seed `rng`).
+
+  Runs `model.apply` with every collection mutable: Flax initialises exactly the
+  variables that are absent, and only their initialisers are compiled (a full
+  `model.init` compiles one random draw per leaf, ~10x slower on CPU).
+  """
+  params_rng, dropout_rng = jax.random.split(rng)
+  x = jnp.zeros(_example_input(model).shape, jnp.float32)
+
+  @jax.jit
+  def complete(variables):
+    _, state = model.apply(variables, x, train=False, mutable=True,
+                           rngs={'params': params_rng, 'dropout': dropout_rng})
+    return state
+  return _flatten(complete(_unflatten(loaded)))
+
+
+def _is_head(name: str, path: str) -> bool:
+  collection, _, rest = path.partition('/')
+  return collection == 'params' and re.search(models.HEAD_PATTERNS[name], rest) is not None
+
+
+def _head_classes(name: str, shapes: Mapping[str, tuple[int, ...]]) -> int | None:
+  """num_classes from the 1-D head leaf (the bias) of a Flax shape table."""
+  biases = [s for p, s in shapes.items() if _is_head(name, p) and len(s) == 1]
+  return biases[-1][0] if biases else None
+
+
+def head_classes(name: str, variables) -> int | None:
+  """num_classes of Flax `variables` of model `name` (the size of its head bias)."""
+  return _head_classes(name, {p: np.shape(v) for p, v in _flatten(variables).items()})
+
+
+def _state_dict_classes(name: str, state_dict: Mapping[str, Array],
+                        model_options) -> int | None:
+  """num_classes of a torch state_dict, from the torch key of the head bias."""
+  probe = models.create(name, num_classes=1000, **model_options)
+  shapes = {p: v.shape for p, v in _abstract_variables(probe).items()}
+  entries, _ = table(name, shapes)
+  for key, entry in entries.items():
+    if any(_is_head(name, p) and len(shapes[p]) == 1 for p in entry.flax_paths):
+      if key in state_dict:
+        return int(np.shape(state_dict[key])[0])
+  return None
+
+
+def _read_state_dict(name: str, source) -> dict[str, Array]:
+  """A state_dict from a mapping, a torch .pth file or a `save_variables` directory."""
+  if isinstance(source, Mapping):
+    return {k: _to_numpy(v) for k, v in source.items()}
+  path = os.fspath(source)
+  if os.path.isdir(path):
+    metadata = load_metadata(path)
+    if metadata.get('model', name) != name:
+      raise ValueError(f'{path} holds {metadata["model"]!r} variables, not {name!r}')
+    return flax_to_torchvision(name, load_variables(path), **metadata.get('options', {}))
+  import torch  # pylint: disable=g-import-not-at-top  (the torch extra, only for .pth)
+  loaded = torch.load(path, map_location='cpu', weights_only=True)
+  return {k: _to_numpy(v) for k, v in loaded.items()}
+
+
+def _rename(key: str, aliases) -> str:
+  for pattern, replacement in aliases:
+    key = re.sub(pattern, replacement, key)
+  return key
+
+
+# --- the two directions ----------------------------------------------------------------
+
+def torchvision_to_flax(name: str, state_dict, num_classes: int | None = None, *,
+                        rng: jax.Array | None = None, **model_options):
+  """Converts a torchvision state_dict into Flax variables for `models.create(name, ...)`.
+
+  Args:
+    name: registered model name ('resnet18').
+    state_dict: {torch key: tensor or numpy array}, a path to a torch .pth file, or a
+      directory written by `save_variables` / scripts/convert_torchvision.py.
+    num_classes: head size; None keeps the checkpoint's. Another size than the
+      checkpoint's drops its head and initialises a new one.
+    rng: PRNG key for freshly initialised leaves (default PRNGKey(0)).
+    **model_options: options of the model (e.g. deform='after_conv1').
+
+  Returns:
+    (variables {'params': ..., 'batch_stats': ...} of numpy/jax arrays, Report).
+  """
+  spec = models.spec(name)
+  source = _read_state_dict(name, state_dict)
+  source = {_rename(k, spec.torch_aliases): v for k, v in source.items()
+            if k.rsplit('.', 1)[-1] not in IGNORED_TORCH_LEAVES}
+  if num_classes is None:
+    num_classes = _state_dict_classes(name, source, model_options) or 1000
+  model = models.create(name, num_classes=num_classes, **model_options)
+  target = _abstract_variables(model)
+  entries, _ = table(name, {p: v.shape for p, v in target.items()})
+
+  out, report = {}, Report(name)
+  for key, value in source.items():
+    entry = entries.get(key)
+    if entry is None:
+      report.dropped.append(key)
+      continue
+    arrays = entry.flax_arrays(value, (target[p].shape for p in entry.flax_paths))
+    bad = [(p, a.shape) for p, a in zip(entry.flax_paths, arrays)
+           if a.shape != target[p].shape]
+    if bad and all(_is_head(name, p) for p, _ in bad):
+      report.dropped.append(key)
+      continue
+    if bad or len(arrays) != len(entry.flax_paths):
+      expected = entry.to_torch(*(np.zeros(target[p].shape, np.float32)
+                                  for p in entry.flax_paths)).shape
+      raise ValueError(f'{name}: torch key {key!r} has shape {tuple(np.shape(value))} but '
+                       f'the model expects {tuple(expected)} (Flax '
+                       f'{[(p, target[p].shape) for p in entry.flax_paths]})')
+    for path, array in zip(entry.flax_paths, arrays):
+      out[path] = np.asarray(array, dtype=target[path].dtype)
+    report.loaded.append(key)
+
+  report.initialised = [p for p in target if p not in out]
+  if report.initialised:
+    fresh = _init_missing(model, out, jax.random.PRNGKey(0) if rng is None else rng)
+    out.update({p: np.asarray(fresh[p]) for p in report.initialised})
+  if spec.post_load is not None:  # e.g. ResNet's deform_init='pretrained' conv1 split
+    out = spec.post_load(out, tuple(report.initialised), **model_options)
+  return _unflatten(out), report
+
+
+def flax_to_torchvision(name: str, variables, **model_options) -> dict[str, Array]:
+  """Flax variables -> {torch key: numpy array}, loadable with `load_state_dict`.
+
+  The variables are shape-checked against `models.create(name, num_classes=<their
+  head size>, **model_options)`. Leaves torchvision's model lacks (ECA, deformable
+  layers) come out under their generic names, so a `save_variables` directory keeps
+  them; `load_state_dict(..., strict=False)` ignores them. Leaves no rule covers are
+  left out.
+  """
+  flat = {p: np.asarray(v) for p, v in _flatten(variables).items()}
+  shapes = {p: v.shape for p, v in flat.items()}
+  model = models.create(name, num_classes=_head_classes(name, shapes) or 1000,
+                        **model_options)
+  expected = {p: v.shape for p, v in _abstract_variables(model).items()}
+  if expected != shapes:
+    diff = sorted(p for p in set(expected) | set(shapes) if expected.get(p) != shapes.get(p))
+    raise ValueError(f'variables do not fit {name} with options {model_options}; '
+                     f'leaves differing (path, expected, given): '
+                     f'{[(p, expected.get(p), shapes.get(p)) for p in diff[:10]]}')
+  entries, _ = table(name, shapes)
+  return {key: np.asarray(e.to_torch(*(flat[p] for p in e.flax_paths)))
+          for key, e in entries.items()}
+
+
+# --- orbax checkpoint directories ---------------------------------------------------
+
+def save_variables(path, variables, *, model: str, num_classes: int,
+                   options: Mapping[str, Any] | None = None, report: Report | None = None,
+                   force: bool = False) -> None:
+  """Writes `variables` as an orbax checkpoint at `path` (a new directory)."""
+  metadata = {'model': model, 'num_classes': num_classes, 'options': dict(options or {})}
+  if report is not None:
+    metadata['report'] = dataclasses.asdict(report)
+  tree = jax.tree_util.tree_map(np.asarray, flax.core.unfreeze(variables))
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(os.path.abspath(path), tree, custom_metadata=metadata, force=force)
+
+
+def load_variables(path) -> dict[str, Any]:
+  """The variables of a `save_variables` directory, as numpy arrays."""
+  with ocp.StandardCheckpointer() as checkpointer:
+    return checkpointer.restore(os.path.abspath(path))
+
+
+def load_metadata(path) -> dict[str, Any]:
+  """{'model', 'num_classes', 'options', 'report'} stored by `save_variables`."""
+  with ocp.StandardCheckpointer() as checkpointer:
+    return dict(checkpointer.metadata(os.path.abspath(path)).custom_metadata or {})

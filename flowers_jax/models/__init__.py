@@ -1,0 +1,16 @@
+"""Vision backbones as Flax Linen modules, built by name.
+
+    from flowers_jax import models
+    model = models.create('resnet18', num_classes=102)
+    models.names()               # ['resnet18', 'resnet34', ...]
+    models.HEAD_PATTERNS[name]   # regex on param paths matching the classifier head
+
+Each model file registers itself with `@registry.register(name, head=...)`; importing
+it below is all a new model needs.
+"""
+
+from flowers_jax.models.registry import HEAD_PATTERNS, ModelSpec, TorchRule, create, names, register, spec
+
+# Model files: importing registers them.
+from flowers_jax.models import resnet  # noqa: E402,F401
+from flowers_jax.models import efficientnet, vit  # noqa: E402,F401

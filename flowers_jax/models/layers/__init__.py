@@ -1,0 +1,1 @@
+"""Layers shared by the models: attention (ViT), deformable convolution (ResNet)."""
