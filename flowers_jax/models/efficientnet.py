@@ -1,0 +1,263 @@
+"""EfficientNet-B0, torchvision-exact, in Flax Linen (NHWC), with SE / ECA / ECA+spatial gates.
+
+Matches `torchvision.models.efficientnet_b0` (checked against torchvision 0.29's
+`models/efficientnet.py` and `ops/misc.py`):
+
+- `features.0`: stem conv 3x3/2 (3 -> 32, no bias) -> BatchNorm -> SiLU.
+- `features.1..7`: MBConv stages (`STAGES`: expand ratio, kernel, stride, in -> out,
+  repeats); only a stage's first block strides / changes width. A block is
+  `block.{i}`: [expand 1x1 conv-BN-SiLU if ratio != 1] -> depthwise kxk conv-BN-SiLU
+  -> attention gate (SE in torchvision) -> project 1x1 conv-BN (no activation); the
+  residual (stride 1, in == out) goes through stochastic depth ('row' mode: one
+  Bernoulli per example, survivors scaled by 1/(1-p)), p = 0.2 * block_index / 16.
+- `features.8`: 1x1 conv 320 -> 1280 -> BN -> SiLU; global average pool; `classifier`
+  = Dropout(0.2) (`classifier.0`) -> Linear 1280 -> num_classes (`classifier.1`).
+- BatchNorm: torch default `nn.BatchNorm2d` for B0 (eps 1e-5, momentum 0.1 -> Flax
+  momentum 0.9); B5-B7 / V2 use eps 1e-3 but are not built here. Padding is explicit and
+  symmetric ((k - 1) // 2), never 'SAME'.
+- Initialisers follow torchvision: kaiming-normal fan-out convs (bias 0), BN scale 1 /
+  bias 0, classifier U(-1/sqrt(num_classes), 1/sqrt(num_classes)) with bias 0.
+
+`attention` ('se' | 'eca' | 'eca_spatial', `layers/attention.py`) chooses the gate in
+the slot where torchvision's `SqueezeExcitation` sits, so every other parameter keeps
+its torchvision name: a torchvision state_dict loads into an ECA model except the SE
+`fc1`/`fc2` keys, and the ECA parameters start from their initialiser.
+
+Flax paths mirror torch keys: ('features', '2', '0', 'block', '1', '0', 'kernel') is
+'features.2.0.block.1.0.weight' (stage 2, block 0, depthwise conv). 5,288,548
+parameters with 1000 classes; `return_embedding=True` also returns the pooled [B, 1280].
+
+Intermediate feature maps for parity tests: `apply(..., capture_intermediates=True,
+mutable=['intermediates'])` records `intermediates/features/{i}/__call__` for the stem
+(i = 0), every stage (1..7) and the head conv (8).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from flowers_jax.models import registry
+from flowers_jax.models.layers import attention as attention_lib
+
+HEAD = r'^classifier/'
+ATTENTION_OPTIONS = tuple(attention_lib.ATTENTION)
+
+# (expand_ratio, kernel, stride, in_channels, out_channels, num_blocks): torchvision's
+# `_efficientnet_conf('efficientnet_b0')` (width and depth multipliers 1.0).
+STAGES = (
+    (1, 3, 1, 32, 16, 1),
+    (6, 3, 2, 16, 24, 2),
+    (6, 5, 2, 24, 40, 2),
+    (6, 3, 2, 40, 80, 3),
+    (6, 5, 1, 80, 112, 3),
+    (6, 5, 2, 112, 192, 4),
+    (6, 3, 1, 192, 320, 1),
+)
+STEM_CHANNELS = 32
+HEAD_CHANNELS = 1280
+
+ModuleDef = Callable[..., nn.Module]
+conv_kernel_init = attention_lib.conv_kernel_init
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockConfig:
+  """One MBConv block: torchvision `MBConvConfig` after per-block adjustment."""
+  expand_ratio: int
+  kernel: int
+  stride: int
+  in_channels: int
+  out_channels: int
+  stochastic_depth: float  # drop probability of the residual branch
+
+  @property
+  def expanded_channels(self) -> int:
+    return self.in_channels * self.expand_ratio  # _make_divisible(., 8) is exact for B0
+
+  @property
+  def use_residual(self) -> bool:
+    return self.stride == 1 and self.in_channels == self.out_channels
+
+
+def block_configs(stages=STAGES, stochastic_depth: float = 0.2) -> list[list[BlockConfig]]:
+  """Per stage, its blocks; drop probability `stochastic_depth * block_index / total`."""
+  total = sum(s[-1] for s in stages)
+  configs, index = [], 0
+  for expand, kernel, stride, cin, cout, repeats in stages:
+    stage = []
+    for i in range(repeats):
+      stage.append(BlockConfig(expand, kernel, stride if i == 0 else 1,
+                               cin if i == 0 else cout, cout,
+                               stochastic_depth * index / total))
+      index += 1
+    configs.append(stage)
+  return configs
+
+
+def stochastic_depth(x, rate: float, rng):
+  """torchvision `stochastic_depth(mode='row')`: zero whole examples of `x` [B, ...].
+
+  Each example survives with probability 1 - rate and survivors are scaled by
+  1 / (1 - rate); `rng` None (evaluation) or rate 0 returns `x` unchanged.
+  """
+  if rng is None or rate == 0.0:
+    return x
+  keep = 1.0 - rate
+  mask = jax.random.bernoulli(rng, keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+  return x * (mask.astype(x.dtype) / keep) if keep > 0 else jnp.zeros_like(x)
+
+
+class ConvNormAct(nn.Module):
+  """torchvision `Conv2dNormActivation`: conv '0' (no bias) -> BatchNorm '1' -> activation."""
+  features: int
+  kernel: int
+  norm: ModuleDef
+  stride: int = 1
+  groups: int = 1
+  activation: Callable | None = nn.silu
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):  # [B, H, W, C] -> [B, H/stride, W/stride, features]
+    pad = (self.kernel - 1) // 2
+    x = nn.Conv(self.features, (self.kernel, self.kernel), strides=(self.stride,) * 2,
+                padding=((pad, pad), (pad, pad)), feature_group_count=self.groups,
+                use_bias=False, dtype=self.dtype, kernel_init=conv_kernel_init,
+                name='0')(x)
+    x = self.norm(name='1')(x)
+    return x if self.activation is None else self.activation(x)
+
+
+class MBConvLayers(nn.Module):
+  """torch `MBConv.block` (an nn.Sequential): children '0', '1', ... in order."""
+  cfg: BlockConfig
+  attention: str
+  norm: ModuleDef
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):  # [B, H, W, in] -> [B, H/stride, W/stride, out]
+    cfg, mid = self.cfg, self.cfg.expanded_channels
+    cna = functools.partial(ConvNormAct, norm=self.norm, dtype=self.dtype)
+    expand = [functools.partial(cna, mid, 1)] if mid != cfg.in_channels else []
+    layers = expand + [
+        functools.partial(cna, mid, cfg.kernel, stride=cfg.stride, groups=mid),  # depthwise
+        functools.partial(attention_lib.make, self.attention, cfg.in_channels,
+                          dtype=self.dtype),
+        functools.partial(cna, cfg.out_channels, 1, activation=None),            # project
+    ]
+    for i, layer in enumerate(layers):
+      x = layer(name=str(i))(x)
+    return x
+
+
+class MBConv(nn.Module):
+  """Inverted-residual block with stochastic depth on the residual branch."""
+  cfg: BlockConfig
+  attention: str
+  norm: ModuleDef
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    y = MBConvLayers(self.cfg, self.attention, self.norm, self.dtype, name='block')(x)
+    if not self.cfg.use_residual:
+      return y
+    rate = self.cfg.stochastic_depth
+    rng = self.make_rng('dropout') if train and rate > 0 else None
+    return stochastic_depth(y, rate, rng) + x
+
+
+class Stage(nn.Module):
+  """torch `features.{1..7}`: MBConv blocks named '0', '1', ..."""
+  blocks: Sequence[BlockConfig]
+  attention: str
+  norm: ModuleDef
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    for i, cfg in enumerate(self.blocks):
+      x = MBConv(cfg, self.attention, self.norm, self.dtype, name=str(i))(x, train)
+    return x
+
+
+class Features(nn.Module):
+  """torch `features`: stem '0', stages '1'..'7', head conv '8'. [B,H,W,3] -> [B,H/32,W/32,1280]."""
+  stages: Sequence[Sequence[BlockConfig]]
+  attention: str
+  norm: ModuleDef
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    cna = functools.partial(ConvNormAct, norm=self.norm, dtype=self.dtype)
+    x = cna(STEM_CHANNELS, 3, stride=2, name='0')(x)
+    for i, blocks in enumerate(self.stages):
+      x = Stage(blocks, self.attention, self.norm, self.dtype, name=str(i + 1))(x, train)
+    return cna(HEAD_CHANNELS, 1, name=str(len(self.stages) + 1))(x)
+
+
+def classifier_kernel_init(key, shape, dtype=jnp.float32):
+  """torchvision EfficientNet Linear init: U(-1/sqrt(out_features), 1/sqrt(out_features))."""
+  bound = shape[-1] ** -0.5
+  return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+class Classifier(nn.Module):
+  """torch `classifier = Sequential(Dropout, Linear)`: the Linear is '1'."""
+  num_classes: int
+  dropout: float
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):  # [B, D] -> [B, num_classes]
+    x = nn.Dropout(self.dropout, deterministic=not train)(x)
+    return nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=classifier_kernel_init,
+                    name='1')(x)
+
+
+class EfficientNet(nn.Module):
+  """torchvision EfficientNet-B0. Input [B, H, W, 3] (ImageNet-normalised), H, W >= 32."""
+  num_classes: int = 1000
+  attention: str = 'se'
+  dropout: float = 0.2
+  stochastic_depth: float = 0.2
+  bn_axis_name: str | None = None
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = False, *, bn_train: bool | None = None,
+               return_embedding: bool = False):
+    """[B, H, W, 3] -> logits [B, num_classes] (and embedding [B, 1280]), float32.
+
+    `train` switches dropout and stochastic depth (rng 'dropout'); `bn_train` (default
+    `train`) uses batch statistics and updates 'batch_stats'.
+    """
+    if self.attention not in ATTENTION_OPTIONS:
+      raise ValueError(f'unknown attention={self.attention!r}; valid: {ATTENTION_OPTIONS}')
+    bn_train = train if bn_train is None else bn_train
+    norm = functools.partial(
+        nn.BatchNorm, use_running_average=not bn_train, momentum=0.9, epsilon=1e-5,
+        dtype=self.dtype, axis_name=self.bn_axis_name, use_fast_variance=False)
+    x = Features(block_configs(STAGES, self.stochastic_depth), self.attention, norm,
+                 self.dtype, name='features')(jnp.asarray(x, self.dtype), train)
+    embedding = jnp.mean(x, axis=(1, 2))  # AdaptiveAvgPool2d(1) + flatten: [B, 1280]
+    logits = Classifier(self.num_classes, self.dropout, self.dtype,
+                        name='classifier')(embedding, train).astype(jnp.float32)
+    if return_embedding:
+      return logits, embedding.astype(jnp.float32)
+    return logits
+
+
+@registry.register('efficientnet_b0', head=HEAD)
+def efficientnet_b0(num_classes=1000, *, bn_axis_name=None, dtype=jnp.float32,
+                    attention='se', dropout=0.2, stochastic_depth=0.2):
+  """torchvision efficientnet_b0; `attention` in ATTENTION_OPTIONS, embedding 1280."""
+  return EfficientNet(num_classes, attention, dropout, stochastic_depth, bn_axis_name, dtype)

@@ -1,0 +1,311 @@
+"""ViT-B/16, torchvision-exact, in Flax Linen (NHWC input).
+
+Matches `torchvision.models.vit_b_16` (torchvision 0.29 `models/vision_transformer.py`):
+
+- `conv_proj`: 16x16/16 conv 3 -> 768 (with bias); the [B, 14, 14, 768] grid is
+  flattened row-major into 196 tokens, exactly torch's `reshape(n, 768, 196).permute`.
+- `class_token` [1, 1, 768] is concatenated *first*, then `encoder.pos_embedding`
+  [1, 197, 768] is added, then dropout.
+- `encoder.layers.encoder_layer_{i}` (12 of them), pre-norm:
+  x = x + dropout(self_attention(ln_1(x))); x = x + mlp(ln_2(x)),
+  mlp = Linear 768 -> 3072 ('0'), exact (erf) GELU, dropout, Linear 3072 -> 768 ('3'),
+  dropout. LayerNorm eps 1e-6 everywhere, `encoder.ln` at the end; the class token's
+  output is the embedding [B, 768]; `heads.head` is the classifier.
+- `self_attention` is Flax `MultiHeadDotProductAttention` (12 heads of 64): its
+  `query`/`key`/`value` kernels [768, 12, 64] and `out` kernel [12, 64, 768] come from
+  torch's stacked `in_proj_weight` [2304, 768] / `out_proj.weight` [768, 768] through
+  the special conversion rows `TORCH_RULES` below (older state_dicts name the MLP
+  `mlp.linear_1` / `mlp.linear_2`: `TORCH_ALIASES`).
+- Initialisers follow torchvision where it sets them: pos_embedding N(0, 0.02),
+  class_token 0, MLP xavier-uniform with N(0, 1e-6) biases, `heads.head` zeros,
+  conv_proj truncated normal with std sqrt(1/fan_in).
+
+86,567,656 parameters with 1000 classes.
+
+Image size: the model is built for one `image_size` (a multiple of 16; default 224)
+and raises a ValueError for any other input size. A checkpoint trained at another size
+(e.g. torchvision's 224 weights into `image_size=384`) is loaded by resizing its
+position embedding: `resize_pos_embedding` keeps the class-token row and bicubically
+resamples the 14x14 grid of patch rows to the target grid (24x24), as torchvision's
+`interpolate_embeddings` does (PyTorch's bicubic kernel, a = -0.75, border clamp,
+`align_corners=True` like torchvision; `align_corners=False` on request). The
+converter's `encoder.pos_embedding` row calls it with the model's target shape.
+
+Intermediate token sequences for parity tests: `apply(..., capture_intermediates=True,
+mutable=['intermediates'])` records `intermediates/encoder/layers/encoder_layer_{i}/
+__call__` ([B, 197, 768]).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+import numpy as np
+
+from flowers_jax.models import registry
+
+HEAD = r'^heads/'
+PATCH_SIZE = 16
+HIDDEN = 768
+NUM_LAYERS = 12
+NUM_HEADS = 12
+MLP_DIM = 3072
+LN_EPS = 1e-6
+
+
+class MLPBlock(nn.Module):
+  """torchvision `MLPBlock`: Linear '0' -> GELU -> Dropout -> Linear '3' -> Dropout."""
+  mlp_dim: int
+  dropout: float = 0.0
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):  # [B, N, D] -> [B, N, D]
+    d = x.shape[-1]
+    dense = lambda features, name: nn.Dense(
+        features, dtype=self.dtype, kernel_init=nn.initializers.xavier_uniform(),
+        bias_init=nn.initializers.normal(1e-6), name=name)
+    x = nn.gelu(dense(self.mlp_dim, '0')(x), approximate=False)
+    x = nn.Dropout(self.dropout, deterministic=not train)(x)
+    x = dense(d, '3')(x)
+    return nn.Dropout(self.dropout, deterministic=not train)(x)
+
+
+class EncoderBlock(nn.Module):
+  """torchvision `EncoderBlock` (pre-norm): [B, N, D] -> [B, N, D]."""
+  num_heads: int
+  mlp_dim: int
+  dropout: float = 0.0
+  attention_dropout: float = 0.0
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    layer_norm = lambda name: nn.LayerNorm(epsilon=LN_EPS, dtype=self.dtype, name=name)
+    y = layer_norm('ln_1')(x)
+    y = nn.MultiHeadDotProductAttention(
+        num_heads=self.num_heads, dtype=self.dtype, dropout_rate=self.attention_dropout,
+        kernel_init=nn.initializers.xavier_uniform(), name='self_attention')(
+            y, y, deterministic=not train)
+    x = x + nn.Dropout(self.dropout, deterministic=not train)(y)
+    y = layer_norm('ln_2')(x)
+    return x + MLPBlock(self.mlp_dim, self.dropout, self.dtype, name='mlp')(y, train)
+
+
+class EncoderLayers(nn.Module):
+  """torch `encoder.layers`: blocks named 'encoder_layer_0', 'encoder_layer_1', ..."""
+  num_layers: int
+  num_heads: int
+  mlp_dim: int
+  dropout: float = 0.0
+  attention_dropout: float = 0.0
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    for i in range(self.num_layers):
+      x = EncoderBlock(self.num_heads, self.mlp_dim, self.dropout, self.attention_dropout,
+                       self.dtype, name=f'encoder_layer_{i}')(x, train)
+    return x
+
+
+class Encoder(nn.Module):
+  """torchvision `Encoder`: + pos_embedding, dropout, layers, ln. [B, N, D] -> [B, N, D]."""
+  num_layers: int
+  num_heads: int
+  mlp_dim: int
+  dropout: float = 0.0
+  attention_dropout: float = 0.0
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    pos = self.param('pos_embedding', nn.initializers.normal(0.02), (1,) + x.shape[1:])
+    x = x + jnp.asarray(pos, self.dtype)
+    x = nn.Dropout(self.dropout, deterministic=not train)(x)
+    x = EncoderLayers(self.num_layers, self.num_heads, self.mlp_dim, self.dropout,
+                      self.attention_dropout, self.dtype, name='layers')(x, train)
+    return nn.LayerNorm(epsilon=LN_EPS, dtype=self.dtype, name='ln')(x)
+
+
+class Heads(nn.Module):
+  """torch `heads = Sequential(head=Linear)`, zero-initialised like torchvision."""
+  num_classes: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):  # [B, D] -> [B, num_classes]
+    return nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=nn.initializers.zeros,
+                    name='head')(x)
+
+
+class VisionTransformer(nn.Module):
+  """torchvision VisionTransformer (no representation layer, no conv stem)."""
+  num_classes: int = 1000
+  image_size: int = 224
+  patch_size: int = PATCH_SIZE
+  hidden_dim: int = HIDDEN
+  num_layers: int = NUM_LAYERS
+  num_heads: int = NUM_HEADS
+  mlp_dim: int = MLP_DIM
+  dropout: float = 0.0
+  attention_dropout: float = 0.0
+  bn_axis_name: str | None = None  # accepted for a uniform interface; ViT has no BatchNorm
+  dtype: Any = jnp.float32
+
+  def _check_input(self, x):
+    if self.image_size % self.patch_size:
+      raise ValueError(f'image_size={self.image_size} must be a multiple of the patch '
+                       f'size {self.patch_size}')
+    if x.ndim != 4 or x.shape[1:] != (self.image_size, self.image_size, 3):
+      raise ValueError(
+          f'this ViT was built for [B, {self.image_size}, {self.image_size}, 3] images '
+          f'(image_size={self.image_size}) but got shape {tuple(x.shape)}; resize the '
+          f'images or build the model with image_size=<H> (a multiple of '
+          f'{self.patch_size}; the position embedding of a {self.image_size} checkpoint '
+          'is resized on conversion)')
+
+  @nn.compact
+  def __call__(self, x, train: bool = False, *, bn_train: bool | None = None,
+               return_embedding: bool = False):
+    """[B, S, S, 3] -> logits [B, num_classes] (and embedding [B, 768]), float32.
+
+    `train` switches dropout (rng 'dropout'); `bn_train` is accepted and ignored.
+    """
+    del bn_train  # no BatchNorm
+    self._check_input(x)
+    fan_in = 3 * self.patch_size ** 2
+    x = nn.Conv(self.hidden_dim, (self.patch_size,) * 2, strides=(self.patch_size,) * 2,
+                padding='VALID', dtype=self.dtype,
+                kernel_init=nn.initializers.truncated_normal(math.sqrt(1 / fan_in)),
+                name='conv_proj')(jnp.asarray(x, self.dtype))  # [B, S/16, S/16, D]
+    b, h, w, d = x.shape
+    x = x.reshape(b, h * w, d)                                  # [B, N, D], row-major
+    cls = self.param('class_token', nn.initializers.zeros, (1, 1, d))
+    x = jnp.concatenate([jnp.broadcast_to(jnp.asarray(cls, x.dtype), (b, 1, d)), x], axis=1)
+    x = Encoder(self.num_layers, self.num_heads, self.mlp_dim, self.dropout,
+                self.attention_dropout, self.dtype, name='encoder')(x, train)
+    embedding = x[:, 0]                                          # class token, [B, D]
+    logits = Heads(self.num_classes, self.dtype, name='heads')(embedding).astype(jnp.float32)
+    if return_embedding:
+      return logits, embedding.astype(jnp.float32)
+    return logits
+
+
+# ---------------------------------------------------------------------------------------
+# Position-embedding resizing (PyTorch bicubic, as torchvision's interpolate_embeddings).
+
+
+def _cubic_weights(t: np.ndarray, a: float = -0.75) -> np.ndarray:
+  """PyTorch's 4 cubic-convolution weights for fractional offsets t [N] -> [N, 4]."""
+  def near(x):  # |x| <= 1
+    return ((a + 2) * x - (a + 3)) * x * x + 1
+
+  def far(x):   # 1 < |x| < 2
+    return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+  return np.stack([far(t + 1), near(t), near(1 - t), far(2 - t)], axis=-1)
+
+
+def bicubic_matrix(n_in: int, n_out: int, align_corners: bool) -> np.ndarray:
+  """[n_out, n_in] matrix M with M @ v = torch 1-D bicubic resize of v (border clamp)."""
+  dst = np.arange(n_out, dtype=np.float64)
+  if align_corners:
+    src = dst * ((n_in - 1) / (n_out - 1) if n_out > 1 else 0.0)
+  else:
+    src = (dst + 0.5) * (n_in / n_out) - 0.5
+  base = np.floor(src)
+  weights = _cubic_weights(src - base)                               # [n_out, 4]
+  cols = np.clip(base[:, None].astype(int) + np.arange(-1, 3), 0, n_in - 1)
+  m = np.zeros((n_out, n_in))
+  np.add.at(m, (np.repeat(np.arange(n_out), 4), cols.ravel()), weights.ravel())
+  return m
+
+
+def resize_pos_embedding(pos: np.ndarray, target_shape, *, align_corners: bool = True):
+  """Resizes a ViT position embedding [1, 1 + g*g, D] to `target_shape` [1, 1 + G*G, D].
+
+  The class-token row is kept; the g x g grid of patch rows is resized bicubically to
+  G x G (PyTorch `F.interpolate(mode='bicubic')` semantics; torchvision's
+  `interpolate_embeddings` uses align_corners=True). Returns float32.
+  """
+  pos = np.asarray(pos)
+  target_shape = tuple(target_shape)
+  if pos.shape == target_shape:
+    return pos
+  (_, n_in, d), (_, n_out, d_out) = pos.shape, target_shape
+  g_in, g_out = math.isqrt(n_in - 1), math.isqrt(n_out - 1)
+  if pos.shape[0] != 1 or d != d_out or g_in ** 2 != n_in - 1 or g_out ** 2 != n_out - 1:
+    raise ValueError(f'cannot resize a position embedding of shape {pos.shape} to '
+                     f'{target_shape}: both must be [1, 1 + g*g, D] with the same D')
+  m = bicubic_matrix(g_in, g_out, align_corners)
+  grid = pos[0, 1:].reshape(g_in, g_in, d).astype(np.float64)
+  grid = np.einsum('ai,bj,ijd->abd', m, m, grid).reshape(1, g_out * g_out, d)
+  return np.concatenate([pos[:, :1], grid], axis=1).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------
+# Special rows of the torchvision <-> Flax table (convert.py applies the generic rules
+# to everything else: conv_proj, ln_*, mlp.*, encoder.ln, heads.head).
+
+_HEAD_DIM = HIDDEN // NUM_HEADS
+
+
+def _split_qkv_kernel(w):  # torch in_proj_weight [3D, D] -> 3 x [D, H, D/H]
+  return tuple(m.T.reshape(HIDDEN, NUM_HEADS, _HEAD_DIM) for m in np.split(w, 3))
+
+
+def _merge_qkv_kernel(q, k, v):  # 3 x [D, H, D/H] -> [3D, D]
+  return np.concatenate([m.reshape(HIDDEN, HIDDEN).T for m in (q, k, v)])
+
+
+def _split_qkv_bias(b):  # [3D] -> 3 x [H, D/H]
+  return tuple(m.reshape(NUM_HEADS, _HEAD_DIM) for m in np.split(b, 3))
+
+
+def _merge_qkv_bias(q, k, v):  # 3 x [H, D/H] -> [3D]
+  return np.concatenate([m.reshape(HIDDEN) for m in (q, k, v)])
+
+
+def _out_kernel_to_flax(w):  # out_proj.weight [D, D] (out, in) -> [H, D/H, D]
+  return w.T.reshape(NUM_HEADS, _HEAD_DIM, HIDDEN)
+
+
+def _out_kernel_to_torch(k):  # [H, D/H, D] -> [D, D] (out, in)
+  return k.reshape(HIDDEN, HIDDEN).T
+
+
+def _pos_embedding_to_flax(pos, *, target_shapes=None):
+  """encoder.pos_embedding [1, 1+g*g, D] -> the model's [1, 1+G*G, D] (bicubic if G != g)."""
+  return pos if target_shapes is None else resize_pos_embedding(pos, target_shapes[0])
+
+
+_ATTN = 'params/encoder/layers/{layer}/self_attention'
+_TORCH_ATTN = 'encoder.layers.{layer}.self_attention'
+TORCH_RULES = (
+    registry.TorchRule('class_token', 'params/class_token'),
+    registry.TorchRule('encoder.pos_embedding', 'params/encoder/pos_embedding',
+                       to_flax=_pos_embedding_to_flax),
+    registry.TorchRule(f'{_TORCH_ATTN}.in_proj_weight',
+                       tuple(f'{_ATTN}/{n}/kernel' for n in ('query', 'key', 'value')),
+                       to_flax=_split_qkv_kernel, to_torch=_merge_qkv_kernel),
+    registry.TorchRule(f'{_TORCH_ATTN}.in_proj_bias',
+                       tuple(f'{_ATTN}/{n}/bias' for n in ('query', 'key', 'value')),
+                       to_flax=_split_qkv_bias, to_torch=_merge_qkv_bias),
+    registry.TorchRule(f'{_TORCH_ATTN}.out_proj.weight', f'{_ATTN}/out/kernel',
+                       to_flax=_out_kernel_to_flax, to_torch=_out_kernel_to_torch),
+    registry.TorchRule(f'{_TORCH_ATTN}.out_proj.bias', f'{_ATTN}/out/bias'),
+)
+# torchvision < 0.13 named the MLP linears linear_1 / linear_2 (MLPBlock version 1).
+TORCH_ALIASES = ((r'\.mlp\.linear_1\.', '.mlp.0.'), (r'\.mlp\.linear_2\.', '.mlp.3.'))
+
+
+@registry.register('vit_b16', head=HEAD, torchvision='vit_b_16',
+                   torch_rules=TORCH_RULES, torch_aliases=TORCH_ALIASES)
+def vit_b16(num_classes=1000, *, bn_axis_name=None, dtype=jnp.float32,
+            image_size=224, dropout=0.0):
+  """torchvision vit_b_16 for `image_size` x `image_size` inputs, embedding 768."""
+  return VisionTransformer(num_classes, image_size, dropout=dropout,
+                           bn_axis_name=bn_axis_name, dtype=dtype)

@@ -1,0 +1,168 @@
+"""ViT-B/16 against torchvision.models.vit_b_16 (random weights, every parameter perturbed)."""
+
+import functools
+
+import jax
+import numpy as np
+import pytest
+
+from flowers_jax import convert, models
+from flowers_jax.models import vit
+
+torch = pytest.importorskip('torch')
+torchvision = pytest.importorskip('torchvision')
+F = torch.nn.functional
+
+TOL = 1e-4
+NUM_PARAMS = 86_567_656
+
+
+def _perturbed_torch_model(image_size=224):
+  """weights=None leaves the head, class token and biases at 0: perturb every tensor."""
+  torch.manual_seed(0)
+  model = torchvision.models.vit_b_16(weights=None, image_size=image_size)
+  with torch.no_grad():
+    for p in model.parameters():
+      p.add_(0.02 * torch.randn_like(p))
+  return model.eval()
+
+
+@pytest.fixture(scope='module')
+def torch_model():
+  return _perturbed_torch_model()
+
+
+@pytest.fixture(scope='module')
+def state_dict(torch_model):
+  return {k: v.numpy() for k, v in torch_model.state_dict().items()}
+
+
+@pytest.fixture(scope='module')
+def converted(state_dict):
+  return convert.torchvision_to_flax('vit_b16', state_dict)
+
+
+def _is_encoder_layer(module, method):
+  return method == '__call__' and module.path[:2] == ('encoder', 'layers') and len(module.path) == 3
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _flax_tokens(model, variables, x):
+  logits, state = model.apply(variables, x, capture_intermediates=_is_encoder_layer,
+                              mutable=['intermediates'])
+  layers = state['intermediates']['encoder']['layers']
+  return logits, [layers[f'encoder_layer_{i}']['__call__'][0] for i in range(len(layers))]
+
+
+def test_logits_and_every_encoder_layer_match_torchvision(torch_model, converted):
+  variables, report = converted
+  assert report.initialised == [] and report.dropped == []
+  x = np.random.RandomState(0).randn(2, 224, 224, 3).astype(np.float32)
+  tokens = {}
+  hooks = [layer.register_forward_hook(lambda m, i, out, n=n: tokens.__setitem__(n, out.numpy()))
+           for n, layer in enumerate(torch_model.encoder.layers)]
+  with torch.no_grad():
+    expected = torch_model(torch.from_numpy(x).permute(0, 3, 1, 2)).numpy()
+  for h in hooks:
+    h.remove()
+  logits, layers = _flax_tokens(models.create('vit_b16'), variables, x)
+  assert len(layers) == len(tokens) == 12
+  for n, got in enumerate(layers):
+    diff = float(np.abs(np.asarray(got) - tokens[n]).max())
+    print(f'encoder_layer_{n} {tokens[n].shape}: max abs diff {diff:.2e} '
+          f'(max abs {np.abs(tokens[n]).max():.2f})')
+    assert got.shape == tokens[n].shape and diff < TOL, f'encoder_layer_{n}'
+  diff = float(np.abs(np.asarray(logits) - expected).max())
+  print(f'logits: max abs diff {diff:.2e} (max abs {np.abs(expected).max():.2f})')
+  assert diff < TOL
+
+
+def test_param_count_and_round_trip(state_dict, converted):
+  variables, _ = converted
+  assert sum(np.size(v) for v in jax.tree.leaves(variables['params'])) == NUM_PARAMS
+  p = variables['params']['encoder']['layers']['encoder_layer_0']['self_attention']
+  assert p['query']['kernel'].shape == (768, 12, 64) and p['query']['bias'].shape == (12, 64)
+  assert p['out']['kernel'].shape == (12, 64, 768)
+  back = convert.flax_to_torchvision('vit_b16', variables)
+  assert sorted(back) == sorted(state_dict)
+  for k, v in back.items():
+    np.testing.assert_array_equal(v, state_dict[k], err_msg=k)
+  again, _ = convert.torchvision_to_flax('vit_b16', back)
+  jax.tree.map(np.testing.assert_array_equal, again, variables)
+
+
+def test_legacy_mlp_keys_load(state_dict, converted):
+  legacy = {k.replace('.mlp.0.', '.mlp.linear_1.').replace('.mlp.3.', '.mlp.linear_2.'): v
+            for k, v in state_dict.items()}
+  assert sum('.mlp.linear_1.' in k for k in legacy) == 24
+  variables, report = convert.torchvision_to_flax('vit_b16', legacy)
+  assert report.dropped == [] and report.initialised == []
+  jax.tree.map(np.testing.assert_array_equal, variables, converted[0])
+
+
+def _torch_resize(pos, grid, align_corners):
+  """The reference: F.interpolate(bicubic) of the g x g grid, class token kept."""
+  g = int(np.sqrt(pos.shape[1] - 1))
+  img = torch.from_numpy(pos[:, 1:]).permute(0, 2, 1).reshape(1, -1, g, g)
+  img = F.interpolate(img, size=grid, mode='bicubic', align_corners=align_corners)
+  img = img.reshape(1, pos.shape[2], grid * grid).permute(0, 2, 1).numpy()
+  return np.concatenate([pos[:, :1], img], axis=1)
+
+
+@pytest.mark.parametrize('grid', [24, 10])  # 384 (up) and 160 (down) pixel inputs
+@pytest.mark.parametrize('align_corners', [True, False])
+def test_resize_pos_embedding_is_torch_bicubic(state_dict, grid, align_corners):
+  pos = state_dict['encoder.pos_embedding']                 # [1, 197, 768]
+  got = vit.resize_pos_embedding(pos, (1, grid * grid + 1, 768), align_corners=align_corners)
+  np.testing.assert_allclose(got, _torch_resize(pos, grid, align_corners), atol=1e-6)
+  np.testing.assert_array_equal(got[:, 0], pos[:, 0])
+  with pytest.raises(ValueError, match='cannot resize'):
+    vit.resize_pos_embedding(pos, (1, 100, 768))
+
+
+def test_384_model_from_224_checkpoint_matches_torchvision_interpolation(state_dict):
+  """torchvision's interpolate_embeddings + vit_b_16(image_size=384) is the reference."""
+  variables, report = convert.torchvision_to_flax('vit_b16', state_dict, image_size=384)
+  assert report.initialised == [] and report.dropped == []
+  pos = np.asarray(variables['params']['encoder']['pos_embedding'])
+  assert pos.shape == (1, 577, 768)
+  np.testing.assert_allclose(pos, _torch_resize(state_dict['encoder.pos_embedding'], 24, True),
+                             atol=1e-6)
+  sd = torchvision.models.vision_transformer.interpolate_embeddings(
+      384, 16, {k: torch.from_numpy(v) for k, v in state_dict.items()})
+  torch_384 = torchvision.models.vit_b_16(weights=None, image_size=384).eval()
+  torch_384.load_state_dict(sd)
+  x = np.random.RandomState(1).randn(1, 384, 384, 3).astype(np.float32)
+  with torch.no_grad():
+    expected = torch_384(torch.from_numpy(x).permute(0, 3, 1, 2)).numpy()
+  logits = jax.jit(models.create('vit_b16', image_size=384).apply)(variables, x)
+  diff = float(np.abs(np.asarray(logits) - expected).max())
+  print(f'384x384 logits: max abs diff {diff:.2e} (max abs {np.abs(expected).max():.2f})')
+  assert diff < TOL
+
+
+def test_wrong_image_size_raises(converted):
+  variables, _ = converted
+  match = r'built for \[B, 224, 224, 3\].*got shape \(1, 384, 384, 3\)'
+  with pytest.raises(ValueError, match=match):
+    models.create('vit_b16').apply(variables, np.zeros((1, 384, 384, 3), np.float32))
+  with pytest.raises(ValueError, match='multiple of the patch size'):
+    models.create('vit_b16', image_size=200).init(jax.random.PRNGKey(0),
+                                                   np.zeros((1, 200, 200, 3), np.float32))
+
+
+def test_embedding_and_head_pattern(converted):
+  variables, _ = converted
+  x = np.zeros((1, 224, 224, 3), np.float32)
+  logits, emb = jax.eval_shape(functools.partial(models.create('vit_b16').apply,
+                                                 return_embedding=True), variables, x)
+  assert logits.shape == (1, 1000) and emb.shape == (1, 768)
+  assert models.HEAD_PATTERNS['vit_b16'] == r'^heads/'
+
+
+def test_bfloat16_compute_keeps_float32_params():
+  model = models.create('vit_b16', dtype=jax.numpy.bfloat16)
+  x = np.zeros((1, 224, 224, 3), np.float32)
+  variables = jax.eval_shape(model.init, jax.random.PRNGKey(0), x)
+  assert {v.dtype for v in jax.tree.leaves(variables)} == {np.dtype(np.float32)}
+  assert jax.eval_shape(model.apply, variables, x).dtype == np.float32
