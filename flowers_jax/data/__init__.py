@@ -1,0 +1,51 @@
+"""Input pipeline: Flowers102 (TFDS or the raw files) or any image folder -> numpy batches.
+
+  ds = data.build(config.data, seed=config.seed)
+  ds.num_classes, ds.class_names, ds.num_examples['train' | 'validation' | 'test']
+  for batch in ds.train_batches(global_batch, epoch, start_step=0, sampler='random'): ...
+  for batch in ds.eval_batches('test', global_batch): ...
+
+Batches are dicts of host-local numpy arrays (rows ``[p*b, (p+1)*b)`` of the global
+batch on process ``p``, ``b = global_batch / process_count``):
+``image`` float32 [b, S, S, 3] (ImageNet mean/std), ``label`` int32 [b], ``mask``
+float32 [b]; triplet batches add ``positive``, ``negative`` [b, S, S, 3] and
+``negative_label`` [b]; eval batches add ``id`` int32 [b] (the example id, e.g. the
+Flowers102 image number; padding rows repeat position 0 with mask 0).
+
+``config.data`` keys (defaults in brackets):
+  source ['folder']       'tfds' | 'folder' | 'imagefolder' (see ``sources``).
+  dir ['']                folder root, or TFDS data_dir ('' = TFDS default).
+  image_size [224]        S, the side of train and eval images.
+  train_augment ['rrc_flip']  'rrc_flip': RandomResizedCrop(scale 0.08-1, ratio
+                          3/4-4/3) + horizontal flip; 'flip': eval view + flip;
+                          'none': the eval view.
+  eval_resize [0]         eval: shorter side -> eval_resize, center crop S;
+                          0 = round(S * 256 / 224) (256 for 224).
+  interpolation ['bilinear']  'bilinear' | 'bicubic' (antialiased, like PIL).
+  skip_corrupt [False]    skip undecodable images with a warning (fully decodes every
+                          image once at build); False: fail naming the file.
+  cache [True]            keep images in memory: train images decoded when the split's
+                          decoded size is <= 1 GiB (``dataset.DECODED_CACHE_BYTES``),
+                          else encoded; eval keeps its final crops when they fit in
+                          1 GiB and reads encoded bytes from memory.
+  threads [0]             tf.data parallel calls and private pool; 0 = AUTOTUNE.
+  prefetch [2]            host batches prefetched by tf.data.
+
+Determinism: epoch ``e``'s global order is ``np.random.default_rng([seed, e])``'s
+permutation (train drops the remainder) and each example's augmentation is a
+stateless function of ``(seed, e, position)``, so ``train_batches(..., start_step=k)``
+yields batches ``k..`` of the uninterrupted run, on any number of hosts.
+Samplers: 'random'; 'triplet' (the random anchors, each with a random positive of its
+class and a random negative of another class); 'pk' (P classes x K=pk_k images per
+batch). TensorFlow is imported lazily, only here, with its GPUs hidden.
+"""
+
+from flowers_jax.data.dataset import build
+from flowers_jax.data.dataset import DataConfig
+from flowers_jax.data.dataset import Dataset
+from flowers_jax.data.fake import make_fake_flowers
+from flowers_jax.data.flowers102 import CLASS_NAMES
+from flowers_jax.data.transforms import denormalize_np
+from flowers_jax.data.transforms import IMAGENET_MEAN
+from flowers_jax.data.transforms import IMAGENET_STD
+from flowers_jax.data.transforms import normalize_np

@@ -1,0 +1,197 @@
+"""``build(config.data, seed)`` -> ``Dataset``: splits, class names and batch iterators."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any, Iterator
+
+import numpy as np
+
+from flowers_jax.data import pipeline
+from flowers_jax.data import samplers
+from flowers_jax.data import sources
+from flowers_jax.data import transforms
+
+# Decoded images of a split are kept in memory when they take at most this much.
+DECODED_CACHE_BYTES = 1 << 30
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """``config.data`` with defaults applied (see the package docstring)."""
+  source: str = 'folder'
+  dir: str = ''
+  image_size: int = 224
+  train_augment: str = 'rrc_flip'
+  eval_resize: int = 0
+  interpolation: str = 'bilinear'
+  skip_corrupt: bool = False
+  cache: bool = True
+  threads: int = 0
+  prefetch: int = 2
+
+  @classmethod
+  def parse(cls, config: Any) -> 'DataConfig':
+    """From a ConfigDict / dict / DataConfig; resolves ``eval_resize=0``."""
+    if isinstance(config, DataConfig):
+      values = dataclasses.asdict(config)
+    else:
+      items = config.items() if hasattr(config, 'items') else vars(config).items()
+      values = dict(items)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - fields)
+    if unknown:
+      logging.warning('Ignoring unknown config.data keys %s; known keys: %s', unknown,
+                      sorted(fields))
+    cfg = cls(**{k: v for k, v in values.items() if k in fields})
+    if cfg.train_augment not in pipeline.TRAIN_AUGMENTS:
+      raise ValueError(f'Unknown config.data.train_augment {cfg.train_augment!r}; valid:'
+                       f' {sorted(pipeline.TRAIN_AUGMENTS)}.')
+    if cfg.interpolation not in transforms.INTERPOLATIONS:
+      raise ValueError(f'Unknown config.data.interpolation {cfg.interpolation!r}; valid:'
+                       f' {transforms.INTERPOLATIONS}.')
+    if cfg.source not in sources.READERS:
+      raise ValueError(f'Unknown config.data.source {cfg.source!r}; valid:'
+                       f' {sorted(sources.READERS)}.')
+    if not cfg.eval_resize:
+      cfg = dataclasses.replace(cfg, eval_resize=int(round(cfg.image_size * 256 / 224)))
+    if cfg.eval_resize < cfg.image_size:
+      raise ValueError(f'config.data.eval_resize={cfg.eval_resize} is smaller than the'
+                       f' crop image_size={cfg.image_size}.')
+    return cfg
+
+
+def _header_error(split: sources.Split, i: int) -> str:
+  try:
+    sources.image_header(split.read(i))
+  except ValueError as e:
+    return str(e)
+  return 'not a readable image file'
+
+
+class Dataset:
+  """A source's splits and their batch iterators (host-local numpy dicts)."""
+
+  def __init__(self, source: sources.Source, cfg: DataConfig, seed: int,
+               process_index: int, process_count: int):
+    self.config, self.seed = cfg, seed
+    self.process_index, self.process_count = process_index, process_count
+    self.source = source
+    self.num_classes = source.num_classes
+    self.class_names = tuple(source.class_names)
+    self._sizes: dict[str, np.ndarray] = {}  # decoded bytes of each image
+    self._decoded: dict[str, list] = {}
+    self.skipped: dict[str, int] = {}  # corrupt images skipped (skip_corrupt=True)
+    for name, split in list(source.splits.items()):
+      sizes, bad = sources.check_headers(split)
+      if bad and not cfg.skip_corrupt:
+        raise sources.corrupt_error(split, bad[0], _header_error(split, bad[0]))
+      if cfg.skip_corrupt:
+        good = np.setdiff1d(np.arange(len(split)), bad)
+        images, undecodable = pipeline.decode_all(split.select(good), cfg.threads,
+                                                  skip_errors=True)
+        bad = sorted(bad + [int(good[i]) for i in undecodable])
+        source.splits[name] = sources.drop_corrupt(name, split, bad)
+        sizes = np.delete(sizes, bad)
+        if cfg.cache and sizes.sum() <= DECODED_CACHE_BYTES:
+          self._decoded[name] = [im for im in images if im is not None]
+      self.skipped[name] = len(bad)
+      self._sizes[name] = sizes
+    self.num_examples = {name: len(split) for name, split in source.splits.items()}
+    self._stores: dict[str, pipeline.ImageStore] = {}
+    self._eval_cache: dict[tuple, Any] = {}
+
+  @property
+  def splits(self) -> dict[str, sources.Split]:
+    return self.source.splits
+
+  def split(self, name: str) -> sources.Split:
+    if name not in self.source.splits:
+      raise ValueError(f'Unknown split {name!r}; this {self.source.name} source has'
+                       f' {sorted(self.source.splits)}.')
+    return self.source.splits[name]
+
+  def steps_per_epoch(self, global_batch: int) -> int:
+    """Train steps per epoch (remainder dropped)."""
+    return samplers.num_steps(self.num_examples['train'], global_batch)
+
+  def _encoded_store(self, name: str) -> pipeline.ImageStore:
+    split = self.split(name)
+    on_disk = split.paths is not None and not self.config.cache
+    return pipeline.ImageStore(split, 'files' if on_disk else 'bytes')
+
+  def _store(self, name: str) -> pipeline.ImageStore:
+    """The train store: decoded in memory when cache=True and small enough."""
+    if name not in self._stores:
+      split = self.split(name)
+      if not self.config.cache:
+        self._stores[name] = self._encoded_store(name)
+      elif self._sizes[name].sum() <= DECODED_CACHE_BYTES:
+        images = self._decoded.pop(name, None)
+        if images is None:
+          images, _ = pipeline.decode_all(split, self.config.threads)
+        self._stores[name] = pipeline.ImageStore(split, 'decoded', images)
+      else:
+        self._stores[name] = pipeline.ImageStore(split, 'bytes')
+    return self._stores[name]
+
+  def _host_plan(self, plan: dict) -> dict:
+    return samplers.host_rows(plan, self.process_index, self.process_count)
+
+  def train_plan(self, global_batch: int, epoch: int, sampler: str = 'random',
+                 pk_k: int = 4) -> dict:
+    """The global plan of epoch ``epoch``: int arrays [steps, global_batch] of positions."""
+    if sampler not in samplers.SAMPLERS:
+      raise ValueError(f'Unknown sampler {sampler!r}; valid: {sorted(samplers.SAMPLERS)}.')
+    labels = self.split('train').labels
+    samplers.num_steps(len(labels), global_batch, 'train')
+    kwargs = {'k': pk_k} if sampler == 'pk' else {}
+    return samplers.SAMPLERS[sampler](labels, global_batch, self.seed, epoch, **kwargs)
+
+  def train_batches(self, global_batch: int, epoch: int, start_step: int = 0,
+                    sampler: str = 'random', pk_k: int = 4) -> Iterator[dict]:
+    """Host batches ``start_step..`` of epoch ``epoch`` (see the package docstring)."""
+    plan = self._host_plan(self.train_plan(global_batch, epoch, sampler, pk_k))
+    if not 0 <= start_step <= plan['index'].shape[0]:
+      raise ValueError(f'start_step={start_step} is outside the epoch\'s'
+                       f' {plan["index"].shape[0]} steps.')
+    store = self._store('train')
+    b = global_batch // self.process_count
+    ds, plan = pipeline.train_dataset(store, plan, self.config, self.seed, epoch,
+                                      global_batch, self.process_index * b, start_step)
+    return pipeline.iterate(ds, store.split, plan)
+
+  def eval_batches(self, split: str, global_batch: int) -> Iterator[dict]:
+    """All examples of ``split`` once, in order; the last batch padded with mask 0."""
+    n = len(self.split(split))
+    plan = self._host_plan(samplers.eval_plan(n, global_batch))
+    key = (split, global_batch)
+    if key not in self._eval_cache:
+      small = n * self.config.image_size ** 2 * 3 <= DECODED_CACHE_BYTES
+      # Eval caches its final crops; full-size images only when they are at hand.
+      decoded = split in self._stores or split in self._decoded
+      store = self._store(split) if decoded else self._encoded_store(split)
+      self._eval_cache[key] = pipeline.eval_dataset(store, plan, self.config,
+                                                    cache=self.config.cache and small)
+    return pipeline.iterate(self._eval_cache[key], self.split(split), plan)
+
+
+def build(config: Any, seed: int = 0, process_index: int | None = None,
+          process_count: int | None = None) -> Dataset:
+  """Reads ``config.data``'s source and returns a ``Dataset``.
+
+  Args:
+    config: ``config.data`` (ConfigDict, dict or DataConfig).
+    seed: fixes every epoch's order and augmentation.
+    process_index / process_count: this host and the number of hosts; None means
+      ``jax.process_index()`` / ``jax.process_count()``.
+  """
+  cfg = DataConfig.parse(config)
+  if process_index is None or process_count is None:
+    import jax  # pylint: disable=g-import-not-at-top
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+  if not 0 <= process_index < process_count:
+    raise ValueError(f'process_index={process_index} is not in [0, {process_count}).')
+  return Dataset(sources.read(cfg.source, cfg.dir), cfg, seed, process_index, process_count)

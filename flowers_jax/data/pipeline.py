@@ -1,0 +1,255 @@
+"""tf.data assembly: index plans in, host-local numpy batches out.
+
+The plan (``samplers``) fixes which split position fills each row; tf.data only
+loads, augments, batches and prefetches, in order (``deterministic=True``).
+Every random choice of an example is a stateless function of
+``example_seed = fold_in([seed, epoch], position)``, ``position = step * G + row``
+its place in the epoch's global order, so any step can be recomputed alone.
+
+``ImageStore`` holds one split's images in one of three forms: ``files`` (read on
+every use), ``bytes`` (encoded, in memory) or ``decoded`` (uint8 arrays in memory,
+served with ``tf.numpy_function``). JPEGs are decoded like PIL (``INTEGER_ACCURATE``
+IDCT), always whole, so every store gives the same pixels.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import logging
+import sys
+from typing import Callable, Iterator
+
+import numpy as np
+
+from flowers_jax.data import sources
+from flowers_jax.data import transforms
+
+AUTOTUNE = -1
+
+
+def _import_triton_first():
+  """Loading triton's library after TensorFlow's segfaults (tf 2.21, triton 3.8), and
+  torchvision loads triton (via torch._dynamo); so load it first when it is installed."""
+  if 'tensorflow' not in sys.modules and importlib.util.find_spec('triton') is not None:
+    try:
+      importlib.import_module('triton')
+    except Exception:  # pylint: disable=broad-except
+      pass
+
+
+def import_tf():
+  """TensorFlow for the input pipeline only: hide GPUs from it so JAX keeps them."""
+  _import_triton_first()
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  try:
+    tf.config.set_visible_devices([], 'GPU')
+  except RuntimeError:  # TF already initialised its devices; nothing to hide any more.
+    pass
+  return tf
+
+
+def _decode_full(data):
+  """Encoded image (tf.string scalar) -> uint8 [H, W, 3]."""
+  tf = import_tf()
+  image = tf.cond(
+      tf.io.is_jpeg(data),
+      lambda: tf.io.decode_jpeg(data, channels=3, dct_method='INTEGER_ACCURATE'),
+      lambda: tf.io.decode_image(data, channels=3, expand_animations=False))
+  return tf.ensure_shape(image, [None, None, 3])
+
+
+class ImageStore:
+  """One split's images, addressable by position inside tf.data functions."""
+
+  def __init__(self, split: sources.Split, mode: str, images: list | None = None):
+    tf = import_tf()
+    self.split, self.mode = split, mode
+    if mode == 'files':
+      self._data = tf.constant(split.paths, tf.string)
+    elif mode == 'bytes':
+      self._data = tf.constant([split.read(i) for i in range(len(split))], tf.string)
+    elif mode == 'decoded':
+      self._images = images
+    else:
+      raise ValueError(f'Unknown store mode {mode!r}')
+
+  def encoded(self, i):
+    tf = import_tf()
+    data = tf.gather(self._data, i)
+    return tf.io.read_file(data) if self.mode == 'files' else data
+
+  def full(self, i):
+    """Image at position ``i`` (int64 scalar tensor): uint8 [H, W, 3]."""
+    tf = import_tf()
+    if self.mode == 'decoded':
+      image = tf.numpy_function(lambda j: self._images[j], [i], tf.uint8, stateful=False)
+      return tf.ensure_shape(image, [None, None, 3])
+    return _decode_full(self.encoded(i))
+
+  def crop(self, i, window_fn: Callable):
+    """The window ``window_fn(shape) -> (top, left, h, w)`` of image ``i``.
+
+    The whole image is decoded first: ``decode_and_crop_jpeg`` would be faster but
+    its chroma upsampling differs at the window's edges from a full decode.
+    """
+    image = self.full(i)
+    top, left, h, w = window_fn(import_tf().shape(image))
+    return image[top:top + h, left:left + w]
+
+
+def find_corrupt(split: sources.Split, positions) -> tuple[int, str] | None:
+  """The first position among ``positions`` whose image TensorFlow cannot decode."""
+  tf = import_tf()
+  for i in dict.fromkeys(int(p) for p in np.ravel(positions)):
+    try:
+      sources.image_header(split.read(i))
+      _decode_full(tf.constant(split.read(i))).numpy()
+    except (ValueError, tf.errors.OpError) as e:
+      return i, str(e).strip().splitlines()[0]
+  return None
+
+
+def decode_all(split: sources.Split, threads: int, skip_errors: bool = False):
+  """Decodes every image once: (list of uint8 [H, W, 3] or None, corrupt positions)."""
+  tf = import_tf()
+  store = ImageStore(split, 'files' if split.paths is not None else 'bytes')
+  ds = tf.data.Dataset.range(len(split)).map(
+      lambda i: (i, store.full(i)), num_parallel_calls=threads or AUTOTUNE,
+      deterministic=True)
+  if skip_errors:
+    ds = ds.ignore_errors()
+  images = [None] * len(split)
+  try:
+    for i, image in ds.as_numpy_iterator():
+      images[i] = image
+  except tf.errors.OpError as e:
+    found = find_corrupt(split, [i for i, im in enumerate(images) if im is None])
+    if found is None:
+      raise
+    raise sources.corrupt_error(split, *found) from e
+  return images, [i for i, im in enumerate(images) if im is None]
+
+
+# ---------------------------------------------------------------- per-example maps
+
+
+def example_seed(base, position, part: int = 0):
+  """Stateless seed of one image: fold_in(fold_in(base, position), part)."""
+  tf = import_tf()
+  fold = tf.random.experimental.stateless_fold_in
+  return fold(fold(base, position), part)
+
+
+def _rrc_flip(store, i, seed, cfg):
+  tf = import_tf()
+  s_crop, s_flip = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+  crop = store.crop(i, lambda shape: transforms.random_resized_crop_window(shape, s_crop))
+  image = transforms.resize(crop, cfg.image_size, cfg.image_size, cfg.interpolation)
+  return transforms.random_flip(image, s_flip)
+
+
+def _eval_view(store, i, cfg):
+  return transforms.resize_center_crop(store.full(i), cfg.eval_resize, cfg.image_size,
+                                       cfg.interpolation)
+
+
+def _flip(store, i, seed, cfg):
+  return transforms.random_flip(_eval_view(store, i, cfg), seed)
+
+
+def _none(store, i, seed, cfg):
+  del seed
+  return _eval_view(store, i, cfg)
+
+
+TRAIN_AUGMENTS = {'rrc_flip': _rrc_flip, 'flip': _flip, 'none': _none}
+TRIPLET_PARTS = {'image': 'index', 'positive': 'positive', 'negative': 'negative'}
+
+
+def _options(threads: int):
+  tf = import_tf()
+  options = tf.data.Options()
+  options.deterministic = True
+  if threads:
+    options.threading.private_threadpool_size = threads
+  return options
+
+
+def train_dataset(store: ImageStore, host_plan: dict, cfg, seed: int, epoch: int,
+                  global_batch: int, row_offset: int, start_step: int):
+  """tf.data of host batches for steps ``start_step..`` of ``host_plan``.
+
+  Args:
+    host_plan: int [steps, b] arrays (``index`` [+ ``positive``, ``negative``]).
+    row_offset: this host's first row in the global batch (process_index * b).
+  """
+  tf = import_tf()
+  plan = {k: v[start_step:] for k, v in host_plan.items()}
+  steps, b = plan['index'].shape
+  rows = (np.arange(start_step, start_step + steps)[:, None] * global_batch
+          + row_offset + np.arange(b)[None, :])
+  labels = store.split.labels
+  elements = {k: v.reshape(-1).astype(np.int64) for k, v in plan.items()}
+  elements['position'] = rows.reshape(-1).astype(np.int64)
+  base = tf.constant([seed, epoch], tf.int64)
+  augment = TRAIN_AUGMENTS[cfg.train_augment]
+  parts = {k: v for k, v in TRIPLET_PARTS.items() if v in elements}
+
+  def load(ex):
+    out = {'label': tf.gather(labels, ex['index']),
+           'mask': tf.constant(1.0, tf.float32)}
+    for part, (key, src) in enumerate(parts.items()):
+      seed_i = example_seed(base, ex['position'], part)
+      out[key] = transforms.normalize(augment(store, ex[src], seed_i, cfg))
+    if 'negative' in ex:
+      out['negative_label'] = tf.gather(labels, ex['negative'])
+    return out
+
+  threads = cfg.threads or AUTOTUNE
+  ds = tf.data.Dataset.from_tensor_slices(elements)
+  ds = ds.map(load, num_parallel_calls=threads, deterministic=True)
+  ds = ds.batch(b, drop_remainder=True).prefetch(cfg.prefetch or AUTOTUNE)
+  return ds.with_options(_options(cfg.threads)), plan
+
+
+def eval_dataset(store: ImageStore, host_plan: dict, cfg, cache: bool):
+  """tf.data of padded host eval batches (image, label, mask, id)."""
+  tf = import_tf()
+  b = host_plan['index'].shape[1]
+  index = host_plan['index'].reshape(-1).astype(np.int64)
+  split = store.split
+  ds = tf.data.Dataset.from_tensor_slices(index).map(
+      lambda i: _eval_view(store, i, cfg), num_parallel_calls=cfg.threads or AUTOTUNE,
+      deterministic=True)
+  if cache:
+    ds = ds.cache()
+  meta = tf.data.Dataset.from_tensor_slices({
+      'label': split.labels[index].astype(np.int32),
+      'mask': host_plan['mask'].reshape(-1).astype(np.float32),
+      'id': split.ids[index].astype(np.int32)})
+  ds = tf.data.Dataset.zip(ds, meta).map(lambda im, m: dict(m, image=transforms.normalize(im)))
+  ds = ds.batch(b, drop_remainder=True).prefetch(cfg.prefetch or AUTOTUNE)
+  return ds.with_options(_options(cfg.threads))
+
+
+def iterate(ds, split: sources.Split, plan: dict) -> Iterator[dict]:
+  """Yields numpy batches; a decode error names the corrupt file of its step."""
+  tf = import_tf()
+  it = ds.as_numpy_iterator()
+  step = 0
+  while True:
+    try:
+      batch = next(it)
+    except StopIteration:
+      return
+    except tf.errors.OpError as e:
+      window = [v[step:step + 2] for v in plan.values() if v.dtype.kind == 'i']
+      found = find_corrupt(split, np.concatenate([w.ravel() for w in window]))
+      if found is None:
+        logging.error('Input pipeline failed at step %d and no single corrupt image of'
+                      ' that step was found.', step)
+        raise
+      raise sources.corrupt_error(split, *found) from e
+    step += 1
+    yield batch

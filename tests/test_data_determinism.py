@@ -1,0 +1,67 @@
+"""Train order and augmentation are pure functions of (seed, epoch, position)."""
+
+import numpy as np
+import pytest
+
+from flowers_jax import data
+from flowers_jax.data import fake
+
+
+@pytest.fixture(scope='module')
+def fake_dir(tmp_path_factory):
+  root = tmp_path_factory.mktemp('fake')
+  fake.make_fake_flowers(str(root), num_classes=4, per_class=12, image_size=40, seed=3)
+  return root  # 24 train images
+
+
+def _build(root, seed=0, process_index=0, process_count=1, **kw):
+  cfg = dict(source='folder', dir=str(root), image_size=32, **kw)
+  return data.build(cfg, seed=seed, process_index=process_index,
+                    process_count=process_count)
+
+
+def _stack(batches, key='image'):
+  return np.stack([b[key] for b in batches])
+
+
+def test_same_seed_same_batches_and_restart(fake_dir):
+  ds1, ds2 = _build(fake_dir), _build(fake_dir, cache=False)
+  full = list(ds1.train_batches(4, epoch=2))
+  assert len(full) == 6
+  again = list(ds2.train_batches(4, epoch=2))  # another Dataset, no cache
+  np.testing.assert_array_equal(_stack(full), _stack(again))
+  np.testing.assert_array_equal(_stack(full, 'label'), _stack(again, 'label'))
+  resumed = list(ds1.train_batches(4, epoch=2, start_step=4))
+  assert len(resumed) == 2
+  np.testing.assert_array_equal(_stack(full[4:]), _stack(resumed))
+  # The augmentation is random: two batches of one epoch differ, a flip/crop happened.
+  assert np.abs(full[0]['image'] - full[1]['image']).max() > 0.5
+
+
+def test_other_epoch_or_seed_gives_another_order(fake_dir):
+  plan = lambda ds, e: ds.train_plan(4, e)['index']
+  ds = _build(fake_dir)
+  assert not np.array_equal(plan(ds, 0), plan(ds, 1))
+  assert not np.array_equal(plan(ds, 0), plan(_build(fake_dir, seed=1), 0))
+  # Each epoch is a permutation without repeats (24 examples, 6 x 4).
+  assert sorted(plan(ds, 0).ravel()) == list(range(24))
+  # Same example, another epoch: another augmentation.
+  e0 = list(ds.train_batches(4, 0))
+  e1 = list(ds.train_batches(4, 1))
+  assert np.abs(_stack(e0) - _stack(e1)).max() > 0.5
+
+
+def test_hosts_split_the_global_batch(fake_dir):
+  """Host p's rows p*b..(p+1)*b of every global batch, augmentation included."""
+  whole = list(_build(fake_dir).train_batches(8, epoch=1, sampler='triplet'))
+  parts = [list(_build(fake_dir, process_index=p, process_count=2)
+                .train_batches(8, epoch=1, sampler='triplet')) for p in range(2)]
+  for step, global_batch in enumerate(whole):
+    for key, value in global_batch.items():
+      joined = np.concatenate([parts[0][step][key], parts[1][step][key]])
+      np.testing.assert_array_equal(joined, value, err_msg=key)
+
+
+def test_global_batch_must_divide_over_hosts(fake_dir):
+  with pytest.raises(ValueError, match='not divisible by the 3 processes'):
+    _build(fake_dir, process_index=0, process_count=3).train_batches(8, 0)
