@@ -1,0 +1,210 @@
+"""orbax checkpoints ('latest' and 'best') and clean stops on SIGTERM / SIGINT.
+
+Layout, one orbax `CheckpointManager` each, steps named by the global step:
+
+    workdir/checkpoints/latest/<step>/{state, meta}   # every epoch + on stop
+    workdir/checkpoints/best/<step>/{state, meta}     # best validation accuracy
+
+`state` is any pytree of arrays (the TrainState: step, params, batch_stats,
+opt_state, rng). It is stored in its `flax.serialization.to_state_dict` form
+(nested dicts), with typed PRNG keys (`jax.random.key`) stored as their key
+data, so the files do not depend on the state's Python classes. `meta` is a
+small JSON dict (epoch, step_in_epoch, best_val, ...).
+
+Every save blocks until the files are complete (`wait_until_finished`), so a
+process that saves and then exits on SIGTERM loses nothing.
+
+Restoring needs a `target` of the same structure (e.g. a freshly initialised
+TrainState): leaves come back with the target's dtypes and placement, i.e.
+jax.Arrays restore into the target leaves' shardings (single device, or
+replicated / sharded over a `Mesh`), and numpy leaves restore as host numpy.
+For `jax.pmap` states (leading device axis), save and restore the
+unreplicated state (`flax.jax_utils.unreplicate` / `replicate`).
+
+    ckpt = checkpoint.Checkpointer(workdir)
+    restored = ckpt.restore_latest(state)          # None on a fresh workdir
+    ...
+    ckpt.save_latest(step, state, {'epoch': e, 'step_in_epoch': 0})
+    ckpt.save_best(step, state, meta, val_accuracy)  # True if it was a new best
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import threading
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import serialization
+
+PyTree = Any
+
+
+def _is_key(x: Any) -> bool:
+  return isinstance(x, jax.Array) and jax.dtypes.issubdtype(
+      x.dtype, jax.dtypes.prng_key)
+
+
+def _saveable_leaf(x: Any) -> Any:
+  if _is_key(x):
+    return jax.random.key_data(x)
+  if isinstance(x, (np.generic, int, float, bool)):   # orbax wants arrays
+    return np.asarray(x)
+  return x
+
+
+def _to_saveable(state: PyTree) -> PyTree:
+  return jax.tree.map(_saveable_leaf, serialization.to_state_dict(state))
+
+
+def _from_saved(target: PyTree, restored: PyTree) -> PyTree:
+  template = serialization.to_state_dict(target)
+  restored = jax.tree.map(
+      lambda t, r: jax.random.wrap_key_data(r, impl=jax.random.key_impl(t))
+      if _is_key(t) else r, template, restored)
+  return serialization.from_state_dict(target, restored)
+
+
+def _jsonable(meta: dict[str, Any]) -> dict[str, Any]:
+  def default(x):
+    if isinstance(x, (np.ndarray, np.generic, jax.Array)):
+      return np.asarray(x).tolist()
+    raise TypeError(f'meta value {x!r} of type {type(x)} is not JSON-able')
+  return json.loads(json.dumps(dict(meta), default=default))
+
+
+class Checkpointer:
+  """'latest' and 'best' checkpoints of one run under `workdir/checkpoints`."""
+
+  def __init__(self, workdir: str, *, keep_latest: int = 2):
+    root = os.path.join(os.path.abspath(os.fspath(workdir)), 'checkpoints')
+    self.directory = root
+    self._latest = ocp.CheckpointManager(
+        os.path.join(root, 'latest'),
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep_latest))
+    self._best = ocp.CheckpointManager(
+        os.path.join(root, 'best'),
+        options=ocp.CheckpointManagerOptions(max_to_keep=1))
+    step = self._best.latest_step()
+    self.best_val = (-float('inf') if step is None else
+                     float(self._restore_meta(self._best, step)['best_val']))
+
+  # -- saving ----------------------------------------------------------------
+
+  @staticmethod
+  def _save(mgr: ocp.CheckpointManager, step: int, state: PyTree,
+            meta: dict[str, Any]) -> None:
+    step = int(step)
+    if step in mgr.all_steps():   # e.g. a stop right after an epoch's save
+      mgr.delete(step)
+    mgr.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(_to_saveable(state)),
+        meta=ocp.args.JsonSave(_jsonable(meta))))
+    mgr.wait_until_finished()
+
+  def save_latest(self, step: int, state: PyTree,
+                  meta: dict[str, Any]) -> None:
+    """Writes `state` and `meta` as the newest 'latest' checkpoint."""
+    self._save(self._latest, step, state,
+               {'best_val': self.best_val, **dict(meta)})
+
+  def save_best(self, step: int, state: PyTree, meta: dict[str, Any],
+                val_accuracy: float) -> bool:
+    """Saves if `val_accuracy` beats every earlier one; returns whether."""
+    val_accuracy = float(val_accuracy)
+    if not val_accuracy > self.best_val:
+      return False
+    self.best_val = val_accuracy
+    self._save(self._best, step, state,
+               {**dict(meta), 'best_val': val_accuracy})
+    return True
+
+  # -- restoring -------------------------------------------------------------
+
+  @staticmethod
+  def _restore_meta(mgr: ocp.CheckpointManager, step: int) -> dict[str, Any]:
+    return mgr.restore(step, args=ocp.args.Composite(
+        meta=ocp.args.JsonRestore())).meta
+
+  @staticmethod
+  def _restore(mgr: ocp.CheckpointManager, target: PyTree
+               ) -> tuple[PyTree, dict[str, Any]] | None:
+    step = mgr.latest_step()
+    if step is None:
+      return None
+    out = mgr.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(_to_saveable(target)),
+        meta=ocp.args.JsonRestore()))
+    return _from_saved(target, out.state), dict(out.meta)
+
+  def restore_latest(self, target: PyTree
+                     ) -> tuple[PyTree, dict[str, Any]] | None:
+    """(state, meta) of the newest 'latest' checkpoint, or None if none."""
+    return self._restore(self._latest, target)
+
+  def restore_best(self, target: PyTree
+                   ) -> tuple[PyTree, dict[str, Any]] | None:
+    """(state, meta) of the best checkpoint, or None if none."""
+    return self._restore(self._best, target)
+
+  def close(self) -> None:
+    self._latest.close()
+    self._best.close()
+
+
+# ----------------------------------------------------------------------------
+# Stop signals.
+
+_STOP = threading.Event()
+_PREVIOUS: dict[int, Any] = {}
+
+
+def _handler(signum: int, frame: Any) -> None:
+  del frame
+  name = signal.Signals(signum).name
+  if _STOP.is_set():
+    # Second signal: give it to the previous handler (KeyboardInterrupt for
+    # SIGINT, process exit for SIGTERM) right away.
+    logging.warning('%s again: exiting immediately.', name)
+    restore_signal_handlers()
+    signal.raise_signal(signum)
+    return
+  logging.warning('%s received: saving a checkpoint and stopping after this '
+                  'step (send it again to exit immediately).', name)
+  _STOP.set()
+
+
+def install_signal_handlers(
+    signums: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)) -> None:
+  """Turns the first SIGTERM / SIGINT into `should_stop() == True`.
+
+  The train loop checks `should_stop()` after each step, saves 'latest' and
+  exits cleanly. A second signal is handled by the previous handler at once
+  (Ctrl-C twice raises KeyboardInterrupt). Call from the main thread.
+  """
+  _STOP.clear()
+  for s in signums:
+    previous = signal.signal(s, _handler)
+    _PREVIOUS.setdefault(s, previous)
+
+
+def restore_signal_handlers() -> None:
+  """Puts back the handlers that `install_signal_handlers` replaced."""
+  while _PREVIOUS:
+    s, previous = _PREVIOUS.popitem()
+    signal.signal(s, previous if previous is not None else signal.SIG_DFL)
+
+
+def should_stop() -> bool:
+  """Whether a stop signal has arrived since `install_signal_handlers`."""
+  return _STOP.is_set()
+
+
+def request_stop() -> None:
+  """Sets the stop flag by hand (tests, time limits)."""
+  _STOP.set()
