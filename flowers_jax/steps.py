@@ -1,0 +1,146 @@
+"""The train and eval step: pure functions of (state, batch), the same for every parallel mode.
+
+`parallel.py` compiles them with pmap (then `axis_name='batch'` and the steps average gradients
+and add up metrics over devices) or with jit over a mesh (then `axis_name=None`: the batch is one
+global array and every mean is already global).
+
+Metrics come back as sums over the real (mask 1) rows: `loss_sum`, `correct`, `count`, so that
+evaluation over padded batches and any number of devices or hosts is exact.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from flowers_jax import losses
+from flowers_jax.parallel import reduce_mean, reduce_sum
+
+PyTree = Any
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything that changes during training (a pytree; checkpointed as is)."""
+  step: jnp.ndarray  # int32 []
+  params: PyTree
+  batch_stats: PyTree
+  opt_state: PyTree
+  rng: jnp.ndarray  # uint32 [2], raw PRNG key data (checkpoint friendly)
+
+  @classmethod
+  def create(cls, variables: dict, tx: optax.GradientTransformation, seed: int) -> 'TrainState':
+    params = variables['params']
+    return cls(step=jnp.zeros((), jnp.int32), params=params,
+               batch_stats=variables.get('batch_stats', {}), opt_state=tx.init(params),
+               rng=jax.random.key_data(jax.random.key(seed)))
+
+  @property
+  def variables(self) -> dict:
+    return {'params': self.params, 'batch_stats': self.batch_stats}
+
+
+def _step_rng(state: TrainState, axis_name: str | None) -> jax.Array:
+  """A fresh key per step (and per device under pmap), a pure function of (seed, step)."""
+  key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+  if axis_name:
+    key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
+  return key
+
+
+def _forward(model: nn.Module, variables: dict, images: jnp.ndarray, *, train: bool,
+             bn_train: bool, rng: jax.Array | None):
+  """Runs the model; returns (logits, embedding, new batch_stats or None)."""
+  kwargs = dict(train=train, bn_train=bn_train, return_embedding=True)
+  if rng is not None:
+    kwargs['rngs'] = {'dropout': rng}
+  if bn_train and variables.get('batch_stats'):
+    (logits, emb), updates = model.apply(variables, images, mutable=['batch_stats'], **kwargs)
+    return logits, emb, updates['batch_stats']
+  logits, emb = model.apply(variables, images, **kwargs)
+  return logits, emb, None
+
+
+def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
+                    train_cfg: ml_collections.ConfigDict, *, axis_name: str | None,
+                    bn_train: bool = True):
+  """Returns `train_step(state, batch) -> (state, metrics)`.
+
+  batch: `image [B, H, W, 3]`, `label [B]`, `mask [B]`; losses that need triplets
+  (`losses.NEEDS[train_cfg.loss]`) also read `positive`/`negative [B, H, W, 3]`, which go
+  through the model in the same forward pass as the anchors.
+  bn_train: False for a frozen backbone (BatchNorm uses and keeps its running statistics).
+  """
+  loss_name = train_cfg.loss
+  extra_inputs = tuple(losses.NEEDS[loss_name])
+
+  def loss_fn(params, state, batch, rng):
+    images = jnp.concatenate([batch['image']] + [batch[k] for k in extra_inputs], axis=0)
+    variables = {'params': params, 'batch_stats': state.batch_stats}
+    logits, emb, new_stats = _forward(model, variables, images, train=True, bn_train=bn_train,
+                                      rng=rng)
+    parts_logits = jnp.split(logits, 1 + len(extra_inputs))
+    parts_emb = jnp.split(emb, 1 + len(extra_inputs))
+    outputs = {'logits': parts_logits[0], 'embedding': parts_emb[0]}
+    for name, e in zip(extra_inputs, parts_emb[1:]):
+      outputs[f'{name}_embedding'] = e
+    loss, aux = losses.compute(loss_name, train_cfg, outputs, batch, axis_name=axis_name)
+    return loss, (aux, new_stats, parts_logits[0])
+
+  def train_step(state: TrainState, batch: dict):
+    rng = _step_rng(state, axis_name)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    (loss, (aux, new_stats, logits)), grads = grad_fn(state.params, state, batch, rng)
+    grads = reduce_mean(grads, axis_name)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    batch_stats = state.batch_stats if new_stats is None else new_stats
+    new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                              opt_state=opt_state)
+    mask = batch['mask']
+    metrics = {
+        'loss': reduce_mean(loss, axis_name),
+        'correct': reduce_sum(mask * (jnp.argmax(logits, -1) == batch['label']), axis_name),
+        'count': reduce_sum(mask, axis_name),
+        **{k: reduce_mean(v, axis_name) for k, v in aux.items()},
+    }
+    return new_state, metrics
+
+  return train_step
+
+
+def make_eval_step(model: nn.Module, *, axis_name: str | None):
+  """Returns `eval_step(state, batch) -> metrics` with masked sums over the batch.
+
+  metrics: `loss_sum` (cross-entropy), `correct` (top-1), `correct5` (top-5), `count`.
+  """
+  def eval_step(state: TrainState, batch: dict):
+    logits = model.apply(state.variables, batch['image'], train=False)
+    logits = logits.astype(jnp.float32)
+    mask = batch['mask']
+    labels = batch['label']
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    k = min(5, logits.shape[-1])
+    top5 = jnp.any(jax.lax.top_k(logits, k)[1] == labels[:, None], axis=-1)
+    return {
+        'loss_sum': reduce_sum(mask * ce, axis_name),
+        'correct': reduce_sum(mask * (jnp.argmax(logits, -1) == labels), axis_name),
+        'correct5': reduce_sum(mask * top5, axis_name),
+        'count': reduce_sum(mask, axis_name),
+    }
+
+  return eval_step
+
+
+def make_predict_fn(model: nn.Module):
+  """`predict(variables, images [B, H, W, 3]) -> probabilities [B, C]`, jitted."""
+  @jax.jit
+  def predict(variables, images):
+    return jax.nn.softmax(model.apply(variables, images, train=False).astype(jnp.float32), -1)
+  return predict

@@ -1,0 +1,118 @@
+"""Trains a small ResNet18 for a few steps on a fixed global batch and saves its params.
+
+Used by tests/test_parallel.py, in-process (single device, pmap, sharded on 4 fake devices) and
+as 2 separate processes x 2 fake devices (multi-host, gloo collectives on 127.0.0.1):
+
+  python tests/parallel_worker.py OUT --modes pmap,sharded --steps 2 \
+      [--coordinator 127.0.0.1:PORT --num-processes 2 --process-id 0 --local-devices 2]
+"""
+
+import argparse
+import os
+import sys
+
+GLOBAL_BATCH = 8
+IMAGE = 32
+
+
+def make_config():
+  import ml_collections
+  c = ml_collections.ConfigDict()
+  c.loss = 'ce'
+  c.label_smoothing = 0.0
+  c.triplet_margin = 1.0
+  c.triplet_weight = 1.0
+  o = ml_collections.ConfigDict()
+  o.name, o.lr, o.momentum, o.nesterov, o.weight_decay = 'sgd', 0.01, 0.9, False, 1e-4
+  o.schedule, o.warmup_steps, o.clip_norm, o.decay_norm_and_bias = 'constant', 0, 0.0, False
+  o.b1, o.b2, o.step_boundaries, o.step_factor = 0.9, 0.999, (0.5,), 0.1
+  return c, o
+
+
+def global_batch(step: int):
+  import numpy as np
+  rng = np.random.default_rng(step)
+  return {
+      'image': rng.normal(size=(GLOBAL_BATCH, IMAGE, IMAGE, 3)),
+      'label': rng.integers(0, 5, size=(GLOBAL_BATCH,)).astype(np.int32),
+      'mask': np.ones((GLOBAL_BATCH,), np.float32),
+  }
+
+
+def train(mode: str, num_steps: int, devices=None):
+  """Returns host numpy (params, batch_stats) after `num_steps` steps in `mode`, in float64.
+
+  mode: 'single' (jit on one device, no collectives), 'pmap' or 'sharded'.
+  float64 because in float32 the three modes add the batch up in different orders, and the
+  gradients of BatchNorm biases (sums that nearly cancel) then differ by ~1e-5 relative after one
+  step and by percents after three: noise that would hide the errors this test looks for.
+  """
+  import jax
+  with jax.enable_x64(True):
+    return _train(mode, num_steps, devices)
+
+
+def _train(mode, num_steps, devices):
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from flowers_jax import models, optim, parallel, steps
+
+  train_cfg, optim_cfg = make_config()
+  strategy = None if mode == 'single' else parallel.make(mode, devices)
+  axis = strategy.axis_name if strategy else None
+  model = models.create('resnet18', num_classes=5, bn_axis_name=axis, dtype=jnp.float64)
+  variables = model.init(jax.random.key(0), jnp.zeros((1, IMAGE, IMAGE, 3)), train=False)
+  variables = jax.tree.map(lambda x: np.asarray(x, np.float64), variables)
+  tx = optim.make_optimizer(optim_cfg, variables['params'], total_steps=max(num_steps, 1),
+                            freeze='none', head_pattern=models.HEAD_PATTERNS['resnet18'])
+  state = steps.TrainState.create(variables, tx, seed=0)
+  step_fn = steps.make_train_step(model, tx, train_cfg, axis_name=axis)
+  p, n = jax.process_index(), jax.process_count()
+  rows = slice(p * GLOBAL_BATCH // n, (p + 1) * GLOBAL_BATCH // n)
+  if strategy is None:
+    step_fn = jax.jit(step_fn)
+    for i in range(num_steps):
+      state, _ = step_fn(state, global_batch(i))
+    return jax.device_get((state.params, state.batch_stats))
+  compiled = strategy.compile(step_fn)
+  state = strategy.put_state(state)
+  for i in range(num_steps):
+    host = {k: v[rows] for k, v in global_batch(i).items()}
+    state, _ = compiled(state, strategy.put_batch(host))
+  host_state = strategy.get_state(state)
+  return host_state.params, host_state.batch_stats
+
+
+def flatten(tree) -> dict:
+  import jax
+  import numpy as np
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {jax.tree_util.keystr(k): np.asarray(v) for k, v in leaves}
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument('out', help='writes OUT_<mode>.npz per mode')
+  ap.add_argument('--modes', default='pmap,sharded')
+  ap.add_argument('--steps', type=int, default=2)
+  ap.add_argument('--coordinator', default='')
+  ap.add_argument('--num-processes', type=int, default=1)
+  ap.add_argument('--process-id', type=int, default=0)
+  ap.add_argument('--local-devices', type=int, default=4)
+  a = ap.parse_args()
+  os.environ['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={a.local_devices}'
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  import numpy as np
+  from flowers_jax import parallel
+  parallel.initialize_distributed(a.coordinator, a.num_processes, a.process_id)
+  import jax
+  for mode in a.modes.split(','):
+    params, stats = train(mode, a.steps)  # float64
+    if jax.process_index() == 0:
+      np.savez(f'{a.out}_{mode}.npz', **flatten({'params': params, 'batch_stats': stats}))
+  print(f'process {jax.process_index()}/{jax.process_count()}: {jax.device_count()} devices, done')
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,78 @@
+"""pmap, sharded jit and a single device give the same training result on the same global batch.
+
+A ResNet18 with BatchNorm: gradients summed instead of averaged, or BatchNorm statistics taken
+per device instead of over the global batch, both change the params after a few steps.
+"""
+
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+import parallel_worker as worker
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.fixture(scope='module')
+def single():
+  return worker.flatten(dict(zip(('params', 'batch_stats'), worker.train('single', 3))))
+
+
+def _assert_close(a: dict, b: dict, rtol=1e-5, atol=1e-10):
+  """Every leaf equal within rtol (the runs are float64, see parallel_worker.train)."""
+  assert a.keys() == b.keys()
+  for k in a:
+    np.testing.assert_allclose(a[k], b[k], rtol=rtol, atol=atol, err_msg=k)
+  return max(float(np.max(np.abs(a[k] - b[k]))) for k in a)
+
+
+def test_four_fake_devices():
+  assert jax.device_count() == 4, 'tests/conftest.py sets 4 fake CPU devices'
+
+
+@pytest.mark.parametrize('mode', ['pmap', 'sharded'])
+def test_parallel_modes_match_single_device(single, mode):
+  got = worker.flatten(dict(zip(('params', 'batch_stats'), worker.train(mode, 3))))
+  worst = _assert_close(single, got)
+  print(f'{mode}: max abs diff vs single device after 3 steps: {worst:.2e}')
+
+
+def test_single_device_result_moves(single):
+  """The comparison above is meaningful: 3 steps change params and BN statistics."""
+  init = worker.flatten(dict(zip(('params', 'batch_stats'), worker.train('single', 0))))
+  assert not np.allclose(init["['params']['conv1']['kernel']"],
+                         single["['params']['conv1']['kernel']"])
+  assert not np.allclose(init["['batch_stats']['bn1']['mean']"],
+                         single["['batch_stats']['bn1']['mean']"])
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_match_one_device(tmp_path):
+  """2 processes x 2 fake devices (gloo on 127.0.0.1), pmap and sharded, 2 steps == 1 device
+  (which equals 1 process x 4 devices, test above)."""
+  script = os.path.join(HERE, 'parallel_worker.py')
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  port = _free_port()
+  out = str(tmp_path / 'two')
+  procs = [subprocess.Popen(
+      [sys.executable, script, out, '--modes', 'pmap,sharded', '--steps', '2',
+       '--local-devices', '2', '--coordinator', f'127.0.0.1:{port}', '--num-processes', '2',
+       '--process-id', str(i)],
+      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  outs = [p.communicate(timeout=600)[0] for p in procs]
+  assert all(p.returncode == 0 for p in procs), '\n'.join(o[-3000:] for o in outs)
+  assert 'process 1/2: 4 devices' in outs[1]
+  expected = worker.flatten(dict(zip(('params', 'batch_stats'), worker.train('single', 2))))
+  for mode in ('pmap', 'sharded'):
+    worst = _assert_close(expected, dict(np.load(f'{out}_{mode}.npz')))
+    print(f'{mode}: 2 hosts x 2 devices vs 1 device max abs diff {worst:.2e}')
