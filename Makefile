@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 $(DEMO_DATA)/setid.mat: | $(STAMP)
-	$(PY) scripts/make_fake_flowers.py $(DEMO_DATA) --num-classes 10 --per-class 60 --image-size 80 --seed 0
+	$(PY) scripts/make_fake_flowers.py $(DEMO_DATA) --num-classes 10 --per-class 60 --image-size 48 --seed 0
 
 demo: $(STAMP) $(DEMO_DATA)/setid.mat
 	rm -rf $(DEMO_DIR)

@@ -6,6 +6,10 @@ r"""A CPU-sized demo: ResNet18 from random init on a synthetic Flowers102-format
       --config.data.dir=runs/demo_data
 
 Variants: `default` only (the `:arg` is optional).
+
+32 px, not 64: at 33-64 px ResNet18's last stage runs on 2x2 maps, where XLA's CPU backend
+takes a slow path for the 3x3/512-channel convs (0.5 s per conv at batch 32, 20x a 3x3 map;
+`python scripts/benchmark.py cpu_conv` shows it); at 32 px the demo trains in about a minute.
 """
 
 from configs import common
@@ -20,8 +24,8 @@ def get_config(arg=None):
   c.model.deform = 'none'
   c.model.deform_init = 'random'
   c.data.dir = 'runs/demo_data'
-  c.data.image_size = 64
-  c.train.epochs = 6
+  c.data.image_size = 32
+  c.train.epochs = 8
   c.train.batch_size = 32
   c.train.eval_batch_size = 64
   c.train.log_every = 5

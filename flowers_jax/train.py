@@ -74,10 +74,17 @@ def initial_variables(config: ml_collections.ConfigDict, model, image_size: int)
 
 
 class Averager:
-  """Host-side running sums of step metrics (train loss weighted by rows)."""
+  """Host-side running sums of step metrics (train loss weighted by rows).
 
-  def __init__(self):
-    self.loss = self.correct = self.count = 0.0
+  `sums()` goes into the checkpoint on a mid-epoch stop and `Averager(*sums)` picks it up on
+  resume, so the interrupted epoch's train_loss / train_accuracy cover all of its steps.
+  """
+
+  def __init__(self, loss: float = 0.0, correct: float = 0.0, count: float = 0.0):
+    self.loss, self.correct, self.count = loss, correct, count
+
+  def sums(self) -> list[float]:
+    return [self.loss, self.correct, self.count]
 
   def add(self, m: dict) -> None:
     self.loss += float(m['loss']) * float(m['count'])
@@ -128,7 +135,7 @@ def _check_batch_size(global_batch: int, what: str) -> None:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains `config` in `workdir` (resuming if it holds a checkpoint); returns results.json."""
-  from flowers_jax import data, plots  # tensorflow only from here on
+  from flowers_jax import data, plots  # tensorflow only from here on (data imports it safely)
   t_start = time.time()
   os.makedirs(workdir, exist_ok=True)
   _write_json(os.path.join(workdir, 'config.json'), config.to_dict())
@@ -160,12 +167,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   checkpoints = ckpt_lib.Checkpointer(workdir) if tc.checkpoint else None
   start_epoch, start_step, best_val, best_epoch = 0, 0, -1.0, -1
+  start_sums = []
   if checkpoints is not None:
     restored = checkpoints.restore_latest(state)
     if restored is not None:
       state, meta = restored
       start_epoch, start_step = meta['epoch'], meta['step_in_epoch']
       best_val, best_epoch = meta['best_val_accuracy'], meta['best_epoch']
+      start_sums = meta.get('train_sums', [])
       log(f'resumed from step {int(state.step)} (epoch {start_epoch + 1}, step {start_step})')
   host_step = int(state.step)
   history = [m for m in _read_jsonl(metrics_path) if m['epoch'] <= start_epoch]
@@ -179,20 +188,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   state = strategy.put_state(state)
   ckpt_lib.install_signal_handlers()
 
-  def save(epoch, step_in_epoch, val=None):
+  def save(epoch, step_in_epoch, val=None, train_sums=()):
     if checkpoints is None:
       return
     meta = {'epoch': epoch, 'step_in_epoch': step_in_epoch, 'best_val_accuracy': best_val,
-            'best_epoch': best_epoch}
+            'best_epoch': best_epoch, 'train_sums': list(train_sums)}
     host_state = strategy.get_state(state)
     checkpoints.save_latest(host_step, host_state, meta)
     if val is not None:
       checkpoints.save_best(host_step, host_state, meta, val)
 
+  writer = _metric_writer(workdir)
   compile_time, train_time, train_images = 0.0, 0.0, 0
   for epoch in range(start_epoch, tc.epochs):
-    avg, pending, last, t_epoch = Averager(), None, None, time.time()
     first = start_step if epoch == start_epoch else 0
+    avg = Averager(*start_sums) if epoch == start_epoch else Averager()
+    pending, last, t_epoch = None, None, time.time()
     batches = ds.train_batches(tc.batch_size, epoch, start_step=first, sampler=sampler,
                                pk_k=tc.pk_k)
     for step_in_epoch in range(first, steps_per_epoch):
@@ -202,14 +213,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         train_step = train_step.lower(state, batch).compile()
         compile_time = time.time() - t0
         log(f'compiled the train step in {compile_time:.1f}s')
-      t0 = time.time()
       state, metrics = train_step(state, batch)
       host_step += 1
       if pending is not None:  # the previous step's metrics: checking them does not stall
         last = _checked(strategy.get_metrics(pending), host_step - 1)
         avg.add(last)
       pending = metrics
-      train_time += time.time() - t0
       train_images += tc.batch_size
       if (step_in_epoch + 1) % tc.log_every == 0 and last is not None:
         rate = (step_in_epoch + 1 - first) * tc.batch_size / max(time.time() - t_epoch, 1e-9)
@@ -218,13 +227,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             f'loss {float(last["loss"]):.4f} {rate:.1f} img/s '
             f'ETA {_hms(left * tc.batch_size / max(rate, 1e-9))}')
       if ckpt_lib.should_stop():
-        _checked(strategy.get_metrics(pending), host_step)
-        save(epoch, step_in_epoch + 1)
+        avg.add(_checked(strategy.get_metrics(pending), host_step))
+        save(epoch, step_in_epoch + 1, train_sums=avg.sums())
         log(f'interrupted: saved a checkpoint at epoch {epoch + 1}, step {step_in_epoch + 1}; '
             'run the same command again to resume')
         raise SystemExit(130)
     if pending is not None:
       avg.add(_checked(strategy.get_metrics(pending), host_step))
+    train_time += time.time() - t_epoch - (compile_time if epoch == start_epoch else 0.0)
     val = evaluate(eval_step, strategy, state, ds, 'validation', tc.eval_batch_size)
     epoch_time = time.time() - t_epoch
     row = {'epoch': epoch + 1, **avg.result(), 'val_accuracy': val['accuracy'],
@@ -234,6 +244,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
            'images_per_s': (steps_per_epoch - first) * tc.batch_size / max(epoch_time, 1e-9)}
     history.append(row)
     _append_jsonl(metrics_path, row)
+    writer.write_scalars(epoch + 1, {k: v for k, v in row.items() if k != 'epoch'})
+    writer.flush()
     improved = val['accuracy'] > best_val
     if improved:
       best_val, best_epoch = val['accuracy'], epoch + 1
@@ -264,6 +276,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   log(f'test accuracy (best epoch {best_epoch}): {test["accuracy"]:.4f}; '
       f'results in {os.path.join(workdir, "results.json")}')
   return results
+
+
+def _metric_writer(workdir: str):
+  """TensorBoard event files in `workdir` (clu), written by process 0 only."""
+  from clu import metric_writers  # imports tensorflow: only after flowers_jax.data
+  return metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0,
+                                              asynchronous=False)
 
 
 def _checked(metrics: dict, step: int) -> dict:
