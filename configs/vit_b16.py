@@ -25,6 +25,9 @@ VARIANTS = {
 def get_config(arg=None):
   c = common.get_config()
   c.model.name = 'vit_b16'
+  # Follows data.image_size (a linked field): a 224 checkpoint's position embedding is resized
+  # (bicubic) when loaded into a model of another size.
+  c.model.image_size = c.data.get_ref('image_size')
   c.data.interpolation = 'bicubic'
   c.optim.lr = 0.003
   c.optim.warmup_steps = 100

@@ -23,8 +23,9 @@ collectives span all processes.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -148,6 +149,17 @@ class Sharded:
 
 
 STRATEGIES = {'pmap': Pmap, 'sharded': Sharded}
+
+
+def prefetch_to_device(batches: Iterable[dict], strategy, size: int = 2) -> Iterator[dict]:
+  """Places host batches on the devices `size` steps ahead (transfers are asynchronous)."""
+  queue = collections.deque()
+  for batch in batches:
+    queue.append(strategy.put_batch(batch))
+    if len(queue) > size:
+      yield queue.popleft()
+  while queue:
+    yield queue.popleft()
 
 
 def make(name: str, devices: list | None = None):

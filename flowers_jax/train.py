@@ -204,10 +204,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     first = start_step if epoch == start_epoch else 0
     avg = Averager(*start_sums) if epoch == start_epoch else Averager()
     pending, last, t_epoch = None, None, time.time()
-    batches = ds.train_batches(tc.batch_size, epoch, start_step=first, sampler=sampler,
-                               pk_k=tc.pk_k)
+    batches = parallel.prefetch_to_device(
+        ds.train_batches(tc.batch_size, epoch, start_step=first, sampler=sampler, pk_k=tc.pk_k),
+        strategy)
     for step_in_epoch in range(first, steps_per_epoch):
-      batch = strategy.put_batch(next(batches))
+      batch = next(batches)
       if compile_time == 0.0:
         t0 = time.time()
         train_step = train_step.lower(state, batch).compile()
