@@ -28,10 +28,10 @@ demo: $(STAMP) $(DEMO_DATA)/setid.mat
 	@echo ">> demo done: results in $(DEMO_DIR)/results.json, curves in $(DEMO_DIR)/curves.png"
 
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 --durations=15
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15
 
 test-all: $(STAMP)
-	$(PY) -m pytest -q -n 2 -m ''
+	$(PY) -m pytest -q -n 2 --dist loadfile -m ''
 
 clean:
 	rm -rf runs .pytest_cache

@@ -10,7 +10,7 @@ docstring); any key can be overridden with `--config.a.b=value`. Running again o
 
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from flowers_jax import config_utils
@@ -28,8 +28,12 @@ def _fail(message: str) -> None:
 
 def parse_flags(argv: list[str]) -> list[str]:
   """absl flag parsing, with one-line errors for bad config files, variants and keys."""
+  if any(a in ('--help', '-h', '--helpshort') for a in argv[1:]):
+    print(__doc__)
+    print(FLAGS.main_module_help())
+    sys.exit(0)
   spec = config_utils.config_spec_from_argv(argv)
-  if spec is not None and not any(a in ('--help', '--helpfull', '-h') for a in argv):
+  if spec is not None and '--helpfull' not in argv:
     try:
       config_utils.check_override_keys(config_utils.load_config(spec), argv)
     except Exception as e:  # the config file's own error (unknown variant, ...) in one line
@@ -42,6 +46,8 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 def main(argv):
   del argv
+  if not FLAGS['verbosity'].present:  # library INFO logs (jax backends, orbax) unless asked for
+    logging.set_verbosity(logging.WARNING)
   if FLAGS.config is None or FLAGS.workdir is None:
     _fail('both --config configs/<model>.py:<variant> and --workdir DIR are required '
           '(see --help)')
@@ -49,11 +55,13 @@ def main(argv):
   from flowers_jax import parallel
   parallel.initialize_distributed(config.distributed.coordinator_address,
                                   config.distributed.num_processes, config.distributed.process_id)
-  from flowers_jax import train
+  from flowers_jax import checkpoint, train
   try:
     train.train_and_evaluate(config, FLAGS.workdir)
   except (FileNotFoundError, ValueError, train.NonFiniteLossError) as e:
     _fail(str(e).splitlines()[0])
+  finally:
+    checkpoint.restore_signal_handlers()
 
 
 if __name__ == '__main__':

@@ -177,7 +177,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       start_sums = meta.get('train_sums', [])
       log(f'resumed from step {int(state.step)} (epoch {start_epoch + 1}, step {start_step})')
   host_step = int(state.step)
+  # Rows of epochs the checkpoint has not seen (a kill between the two writes) are dropped.
   history = [m for m in _read_jsonl(metrics_path) if m['epoch'] <= start_epoch]
+  if jax.process_index() == 0:
+    with open(metrics_path, 'w') as f:
+      f.writelines(json.dumps(row) + '\n' for row in history)
 
   bn_train = tc.freeze == 'none'
   train_step = strategy.compile(steps.make_train_step(model, tx, tc, axis_name=strategy.axis_name,

@@ -1,0 +1,348 @@
+"""The training engine's acceptance criteria: freezing, resume, workdir outputs, NaN stops, bf16.
+
+Everything runs ResNet18 on 16x16 crops of a 4-class synthetic Flowers102 set (24 train, 12
+validation, 12 test images) on the 4 fake CPU devices of conftest.py, a few steps at a time.
+"""
+
+import json
+import os
+import shutil
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from flowers_jax import checkpoint, config_utils, data, models, optim, parallel, steps, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NUM_CLASSES, IMAGE_SIZE, BATCH = 4, 16, 8
+TIMING_KEYS = {'epoch_time_s', 'images_per_s', 'wall_time_s', 'compile_time_s',
+               'train_images_per_s'}
+# Scripted validation accuracy by global step (2 steps per epoch): epoch 1 is the best one, so
+# "test at the best checkpoint" is a different state from the final one.
+VAL_ACCURACY_AT_STEP = {2: 0.75, 4: 0.25}
+REAL_EVALUATE = train.evaluate
+
+
+def make_config(data_dir, **overrides):
+  """configs/demo.py shrunk to a few steps; `overrides` are dotted keys ('train.epochs')."""
+  c = config_utils.load_config(os.path.join(ROOT, 'configs', 'demo.py'))
+  c.model.num_classes = NUM_CLASSES
+  c.data.dir = str(data_dir)
+  c.data.image_size = IMAGE_SIZE
+  c.parallel = 'sharded'
+  c.train.epochs = 2
+  c.train.batch_size = BATCH
+  c.train.eval_batch_size = BATCH  # 12 validation images: the last batch is padded
+  c.train.max_steps_per_epoch = 2
+  c.train.log_every = 1
+  c.optim.lr = 1e-3
+  c.optim.warmup_steps = 0
+  for dotted, value in overrides.items():
+    *parents, leaf = dotted.split('.')
+    node = c
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return c
+
+
+@pytest.fixture(scope='module', autouse=True)
+def _compilation_cache(tmp_path_factory):
+  """A persistent XLA cache for this module only: its runs compile the same ResNet18 init,
+  train and eval programs several times (~7 s each on 2 CPU cores without it)."""
+  from jax.experimental.compilation_cache import compilation_cache
+  settings = {'jax_compilation_cache_dir': str(tmp_path_factory.mktemp('xla_cache')),
+              'jax_persistent_cache_min_compile_time_secs': 0.5}
+  previous = {k: getattr(jax.config, k) for k in settings}
+  for k, v in settings.items():
+    jax.config.update(k, v)
+  compilation_cache.reset_cache()
+  yield
+  for k, v in previous.items():
+    jax.config.update(k, v)
+  compilation_cache.reset_cache()
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+  d = tmp_path_factory.mktemp('flowers')
+  sizes = data.make_fake_flowers(str(d), num_classes=NUM_CLASSES, per_class=12, image_size=20,
+                                 seed=0, splits=(0.5, 0.25))
+  assert sizes == {'train': 24, 'validation': 12, 'test': 12}
+  return d
+
+
+@pytest.fixture(scope='module')
+def dataset(data_dir):
+  return data.build(make_config(data_dir).data, seed=0)
+
+
+@pytest.fixture(autouse=True)
+def _restore_signal_handlers():
+  """train_and_evaluate installs SIGTERM/SIGINT handlers; give pytest its own back."""
+  yield
+  checkpoint.restore_signal_handlers()
+
+
+def _setup(config, axis_name=None):
+  """(model, tx, host TrainState) exactly as train_and_evaluate builds them."""
+  model = train.create_model(config, bn_axis_name=axis_name)
+  variables = train.initial_variables(config, model, config.data.image_size)
+  total = config.train.epochs * config.train.max_steps_per_epoch
+  tx = optim.make_optimizer(config.optim, variables['params'], total_steps=total,
+                            freeze=config.train.freeze,
+                            head_pattern=models.HEAD_PATTERNS[config.model.name])
+  return model, tx, steps.TrainState.create(variables, tx, config.seed)
+
+
+def _flat(tree) -> dict:
+  return {jax.tree_util.keystr(p): np.asarray(x)
+          for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _read_jsonl(path):
+  with open(path) as f:
+    return [json.loads(line) for line in f]
+
+
+def _untimed(row: dict) -> dict:
+  return {k: v for k, v in row.items() if k not in TIMING_KEYS}
+
+
+# ------------------------------------------------------------------------------------------
+# 1. Freezing
+
+
+def test_frozen_backbone_is_bit_identical_and_has_no_optimizer_state(data_dir, dataset):
+  config = make_config(data_dir, **{'train.freeze': 'backbone', 'optim.lr': 0.1,
+                                    'train.epochs': 1, 'train.max_steps_per_epoch': 5})
+  model, tx, state = _setup(config)
+  start = _flat(state.variables)
+  train_step = jax.jit(steps.make_train_step(model, tx, config.train, axis_name=None,
+                                             bn_train=False))
+  batches = [b for epoch in (0, 1) for b in dataset.train_batches(BATCH, epoch)]  # 3 per epoch
+  for batch in batches[:5]:
+    state, metrics = train_step(state, batch)
+  assert int(state.step) == 5 and np.isfinite(float(metrics['loss']))
+
+  end = _flat(state.variables)
+  head = [k for k in start if k.startswith("['params']['fc']")]
+  frozen = [k for k in start if k not in head]
+  assert len(head) == 2 and any('batch_stats' in k for k in frozen)
+  for k in frozen:  # backbone params and every BatchNorm mean / var
+    np.testing.assert_array_equal(end[k], start[k], err_msg=k)
+  for k in head:
+    assert np.abs(end[k] - start[k]).max() > 1e-4, k
+
+  # Optimizer state: adam moments for fc only; a MaskedNode in mu and nu per frozen param.
+  is_masked = lambda x: isinstance(x, optax.MaskedNode)
+  leaves = jax.tree_util.tree_flatten_with_path(state.opt_state, is_leaf=is_masked)[0]
+  masked = [jax.tree_util.keystr(p) for p, x in leaves if is_masked(x)]
+  arrays = [jax.tree_util.keystr(p) for p, x in leaves if not is_masked(x) and np.ndim(x) > 0]
+  n_frozen_params = len([k for k in frozen if k.startswith("['params']")])
+  assert len(masked) == 2 * n_frozen_params
+  assert not any("['fc']" in k for k in masked)
+  assert len(arrays) == 4 and all("['fc']" in k for k in arrays), arrays
+
+
+# ------------------------------------------------------------------------------------------
+# 2. Resume and 3. workdir outputs: one uninterrupted run and one stopped by SIGTERM mid-epoch.
+
+
+def _scripted_evaluate(tested_states: list):
+  """train.evaluate with VAL_ACCURACY_AT_STEP as validation accuracy; records the test state."""
+  def evaluate(eval_step, strategy, state, ds, split, batch_size):
+    out = REAL_EVALUATE(eval_step, strategy, state, ds, split, batch_size)
+    host = strategy.get_state(state)
+    if split == 'validation':
+      return {**out, 'accuracy': VAL_ACCURACY_AT_STEP[int(host.step)]}
+    tested_states.append(host)
+    return out
+
+  return evaluate
+
+
+def _sigterm_after(n_steps: int):
+  """checkpoint.should_stop that sends this process a real SIGTERM after step `n_steps`."""
+  real, calls = checkpoint.should_stop, []
+
+  def should_stop():
+    calls.append(1)
+    if len(calls) == n_steps:
+      handler = signal.getsignal(signal.SIGTERM)
+      assert handler not in (signal.SIG_DFL, signal.SIG_IGN, None), 'no SIGTERM handler'
+      os.kill(os.getpid(), signal.SIGTERM)
+      for _ in range(200):  # the Python-level handler runs at the next bytecode boundary
+        if real():
+          break
+        time.sleep(0.01)
+    return real()
+
+  return should_stop
+
+
+@pytest.fixture(scope='module')
+def runs(data_dir, tmp_path_factory):
+  """2 epochs x 2 steps: uninterrupted, and stopped by SIGTERM after global step 3 then resumed."""
+  config = make_config(data_dir)
+  full, resumed = (str(tmp_path_factory.mktemp(n)) for n in ('full', 'resumed'))
+  out = {'config': config, 'full': full, 'resumed': resumed, 'tested': {}}
+  with pytest.MonkeyPatch.context() as mp:
+    for name in ('full', 'resumed'):
+      out['tested'][name] = []
+      mp.setattr(train, 'evaluate', _scripted_evaluate(out['tested'][name]))
+      if name == 'resumed':
+        with mp.context() as stop:
+          stop.setattr(checkpoint, 'should_stop', _sigterm_after(3))
+          with pytest.raises(SystemExit) as exit_info:
+            train.train_and_evaluate(config, resumed)
+        out['exit_code'] = exit_info.value.code
+        out['stopped'] = checkpoint.Checkpointer(resumed).restore_latest(_setup(config)[2])
+        out['rows_at_stop'] = _read_jsonl(os.path.join(resumed, 'metrics.jsonl'))
+      out[name + '_results'] = train.train_and_evaluate(config, out[name])
+      checkpoint.restore_signal_handlers()
+  return out
+
+
+def test_sigterm_saves_mid_epoch_and_exits_130(runs):
+  assert runs['exit_code'] == 130
+  state, meta = runs['stopped']
+  assert int(state.step) == 3
+  assert (meta['epoch'], meta['step_in_epoch']) == (1, 1)  # epoch 2 (0-based 1), after 1 step
+  assert [r['epoch'] for r in runs['rows_at_stop']] == [1]
+
+
+def test_resumed_run_is_bit_identical_to_uninterrupted(runs):
+  target = _setup(runs['config'])[2]
+  (full, _), (resumed, _) = (checkpoint.Checkpointer(runs[n]).restore_latest(target)
+                             for n in ('full', 'resumed'))
+  full, resumed = _flat(full), _flat(resumed)
+  assert full.keys() == resumed.keys()
+  assert int(full['.step']) == 4
+  for k in full:  # params, batch_stats, opt_state, step, rng
+    np.testing.assert_array_equal(resumed[k], full[k], err_msg=k)
+  init = _flat(target)
+  assert not np.array_equal(full[".params['conv1']['kernel']"],
+                            init[".params['conv1']['kernel']"])
+
+  rows = {n: _read_jsonl(os.path.join(runs[n], 'metrics.jsonl')) for n in ('full', 'resumed')}
+  assert [r['epoch'] for r in rows['resumed']] == [1, 2]
+  assert [_untimed(r) for r in rows['resumed']] == [_untimed(r) for r in rows['full']]
+  assert _untimed(runs['resumed_results']) == _untimed(runs['full_results'])
+
+
+def test_workdir_outputs(runs):
+  workdir = runs['full']
+  with open(os.path.join(workdir, 'config.json')) as f:
+    assert json.load(f) == json.loads(runs['config'].to_json())
+
+  rows = _read_jsonl(os.path.join(workdir, 'metrics.jsonl'))
+  assert [r['epoch'] for r in rows] == [1, 2]
+  for r in rows:
+    for k in ('train_accuracy', 'val_accuracy', 'train_loss'):
+      assert np.isfinite(r[k]), (k, r)
+    assert 0 <= r['train_accuracy'] <= 1
+
+  with open(os.path.join(workdir, 'results.json')) as f:
+    results = json.load(f)
+  assert results == json.loads(json.dumps(runs['full_results']))
+  for k in ('best_epoch', 'best_val_accuracy', 'test_accuracy', 'wall_time_s',
+            'train_images_per_s', 'compile_time_s'):
+    assert results[k] is not None, k
+  assert results['best_epoch'] == 1 + int(np.argmax([r['val_accuracy'] for r in rows])) == 1
+  assert results['best_val_accuracy'] == VAL_ACCURACY_AT_STEP[2]
+  assert results['test_examples'] == 12 and 0 <= results['test_accuracy'] <= 1
+  assert results['wall_time_s'] > results['compile_time_s'] > 0
+  assert results['train_images_per_s'] > 0
+
+  with open(os.path.join(workdir, 'curves.png'), 'rb') as f:
+    assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+
+  # The test split was evaluated once, on the best (epoch 1, step 2) state, not the final one.
+  [tested] = runs['tested']['full']
+  target = _setup(runs['config'])[2]
+  best, _ = checkpoint.Checkpointer(workdir).restore_best(target)
+  latest, _ = checkpoint.Checkpointer(workdir).restore_latest(target)
+  assert int(tested.step) == int(best.step) == 2 and int(latest.step) == 4
+  for k, v in _flat(best.variables).items():
+    np.testing.assert_array_equal(_flat(tested.variables)[k], v, err_msg=k)
+
+
+# ------------------------------------------------------------------------------------------
+# 4. Non-finite loss
+
+
+def test_non_finite_loss_stops_without_saving(runs, tmp_path):
+  """Resume the finished 2-epoch run for a 3rd epoch at lr=1e30: step 5 blows the params up,
+  step 6's loss is NaN; the run stops naming step 6 and keeps the step-4 checkpoint as latest."""
+  workdir = str(tmp_path / 'nan')
+  shutil.copytree(runs['full'], workdir)
+  config = make_config(runs['config'].data.dir, **{'train.epochs': 3, 'optim.lr': 1e30})
+  with pytest.raises(train.NonFiniteLossError, match=r'loss \((nan|inf|-inf)\) at step 6\b'):
+    train.train_and_evaluate(config, workdir)
+  ckpts = os.path.join(workdir, 'checkpoints')
+  assert sorted(os.listdir(os.path.join(ckpts, 'latest')), key=int) == ['2', '4']
+  assert os.listdir(os.path.join(ckpts, 'best')) == ['2']
+  assert [r['epoch'] for r in _read_jsonl(os.path.join(workdir, 'metrics.jsonl'))] == [1, 2]
+
+
+# ------------------------------------------------------------------------------------------
+# 5. Mixed precision
+
+
+def test_bfloat16_step_keeps_float32_params(data_dir, dataset):
+  config = make_config(data_dir, **{'train.dtype': 'bfloat16', 'optim.lr': 0.01})
+  model, tx, state = _setup(config)
+  batch = next(dataset.train_batches(BATCH, epoch=0))
+  _, sown = jax.eval_shape(lambda v, x: model.apply(v, x, train=False, mutable='intermediates'),
+                           state.variables, batch['image'])
+  [stem] = sown['intermediates']['stem']
+  assert stem.dtype == jnp.bfloat16  # the convolutions really run in bfloat16
+  new, metrics = jax.jit(steps.make_train_step(model, tx, config.train, axis_name=None))(
+      state, batch)
+  assert np.isfinite(float(metrics['loss']))
+  for tree in (new.params, new.batch_stats):
+    assert {x.dtype for x in jax.tree.leaves(tree)} == {jnp.dtype(jnp.float32)}
+  before, after = _flat(state.params), _flat(new.params)
+  assert all(np.all(np.isfinite(v)) for v in after.values())
+  assert np.abs(after["['conv1']['kernel']"] - before["['conv1']['kernel']"]).max() > 0
+
+
+# ------------------------------------------------------------------------------------------
+# Triplet losses through the train step, fed by the data pipeline's samplers. tcel_hard mines
+# over the global batch, so it runs under pmap on the 4 devices (all-gather); the others under jit.
+
+
+@pytest.mark.parametrize('loss,sampler,mode', [('triplet', 'triplet', 'jit'),
+                                               ('tcel', 'triplet', 'jit'),
+                                               ('tcel_hard', 'pk', 'pmap')])
+def test_triplet_losses_train_step(data_dir, dataset, loss, sampler, mode):
+  config = make_config(data_dir, **{'train.loss': loss})
+  strategy = parallel.make('pmap')
+  axis_name = strategy.axis_name if mode == 'pmap' else None
+  model, tx, state = _setup(config, axis_name=axis_name)
+  host_batch = next(dataset.train_batches(BATCH, epoch=0, sampler=sampler, pk_k=4))
+  if sampler == 'triplet':
+    assert host_batch['positive'].shape == host_batch['image'].shape
+    np.testing.assert_array_equal(host_batch['negative_label'] != host_batch['label'], True)
+  else:  # P=2 classes x K=4 images
+    assert len(np.unique(host_batch['label'])) == 2
+  train_step = steps.make_train_step(model, tx, config.train, axis_name=axis_name)
+  if mode == 'pmap':
+    new, metrics = strategy.compile(train_step)(strategy.put_state(state),
+                                                strategy.put_batch(host_batch))
+    new, m = strategy.get_state(new), strategy.get_metrics(metrics)
+  else:
+    new, m = jax.device_get(jax.jit(train_step)(state, host_batch))
+  assert np.isfinite(m['loss']) and np.isfinite(m['triplet']) and m['triplet'] >= 0
+  if loss != 'triplet':
+    np.testing.assert_allclose(m['loss'], m['ce'] + m['triplet'], rtol=1e-5)
+  assert int(m['count']) == BATCH
+  before = _flat(state.params)["['conv1']['kernel']"]  # 'triplet' alone gives fc no gradient
+  after = _flat(new.params)["['conv1']['kernel']"]
+  assert np.all(np.isfinite(after)) and not np.array_equal(before, after)
