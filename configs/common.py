@@ -64,7 +64,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.optim.decay_norm_and_bias = False
 
   c.distributed = ml_collections.ConfigDict()
-  c.distributed.coordinator_address = ''  # 'host:port' to call jax.distributed.initialize
+  c.distributed.coordinator_address = ''  # 'host:port', or 'auto' (TPU pods, SLURM); '' = one host
   c.distributed.num_processes = 1
   c.distributed.process_id = 0
   return c

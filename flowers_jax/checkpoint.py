@@ -165,13 +165,20 @@ _PREVIOUS: dict[int, Any] = {}
 
 
 def _handler(signum: int, frame: Any) -> None:
-  del frame
   name = signal.Signals(signum).name
   if _STOP.is_set():
-    # Second signal: give it to the previous handler (KeyboardInterrupt for
-    # SIGINT, process exit for SIGTERM) right away.
+    # Second signal: exit right away, whatever handler was there before (a worker
+    # process may have inherited SIG_IGN): KeyboardInterrupt for SIGINT, the previous
+    # handler or the default action (exit) for SIGTERM.
     logging.warning('%s again: exiting immediately.', name)
+    previous = _PREVIOUS.get(signum)
     restore_signal_handlers()
+    if signum == signal.SIGINT:
+      raise KeyboardInterrupt
+    if callable(previous):
+      previous(signum, frame)
+      return
+    signal.signal(signum, signal.SIG_DFL)
     signal.raise_signal(signum)
     return
   logging.warning('%s received: saving a checkpoint and stopping after this '

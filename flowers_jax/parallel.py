@@ -39,9 +39,13 @@ StepFn = Callable[[PyTree, dict], tuple]
 def initialize_distributed(coordinator_address: str, num_processes: int, process_id: int) -> None:
   """Calls `jax.distributed.initialize`, with gloo collectives when running on CPU.
 
-  Must run before anything touches a jax device. A no-op for an empty address.
+  Must run before anything touches a jax device. A no-op for an empty address; 'auto' lets
+  jax find the cluster itself (TPU pods, SLURM, ...).
   """
   if not coordinator_address:
+    return
+  if coordinator_address == 'auto':
+    jax.distributed.initialize()
     return
   try:
     jax.config.update('jax_cpu_collectives_implementation', 'gloo')
