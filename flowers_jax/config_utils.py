@@ -10,12 +10,20 @@ import difflib
 import importlib.util
 import os
 import sys
+from typing import Any
 
 import ml_collections
 
 
 class ConfigError(ValueError):
   pass
+
+
+def get(cfg: Any, key: str, default: Any) -> Any:
+  """`cfg.get(key, default)` for ConfigDicts and dicts, `getattr` for plain namespaces."""
+  if hasattr(cfg, 'get'):
+    return cfg.get(key, default)
+  return getattr(cfg, key, default)
 
 
 def split_config_arg(spec: str) -> tuple[str, str | None]:

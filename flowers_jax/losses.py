@@ -26,6 +26,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from flowers_jax import config_utils
+
 Array = jax.Array
 
 
@@ -175,26 +177,21 @@ NEEDS: dict[str, tuple[str, ...]] = {
 LossFn = Callable[..., tuple[Array, dict[str, Array]]]
 
 
-def _cfg(cfg: Any, key: str, default: Any) -> Any:
-  return cfg.get(key, default) if hasattr(cfg, 'get') else getattr(
-      cfg, key, default)
-
-
 def _ce_term(cfg, outputs, batch) -> Array:
   return cross_entropy(outputs['logits'], batch['label'], batch.get('mask'),
-                       float(_cfg(cfg, 'label_smoothing', 0.0)))
+                       float(config_utils.get(cfg, 'label_smoothing', 0.0)))
 
 
 def _triplet_term(cfg, outputs, batch) -> Array:
   return triplet_margin(outputs['embedding'], outputs['positive_embedding'],
                         outputs['negative_embedding'],
-                        float(_cfg(cfg, 'triplet_margin', 1.0)),
+                        float(config_utils.get(cfg, 'triplet_margin', 1.0)),
                         mask=batch.get('mask'))
 
 
 def _hard_term(cfg, outputs, batch, axis_name) -> Array:
   return batch_hard_triplet(outputs['embedding'], batch['label'],
-                            float(_cfg(cfg, 'triplet_margin', 1.0)),
+                            float(config_utils.get(cfg, 'triplet_margin', 1.0)),
                             batch.get('mask'), axis_name)
 
 
@@ -213,14 +210,14 @@ def _loss_triplet(cfg, outputs, batch, axis_name):
 def _loss_tcel(cfg, outputs, batch, axis_name):
   del axis_name
   ce, tri = _ce_term(cfg, outputs, batch), _triplet_term(cfg, outputs, batch)
-  weight = float(_cfg(cfg, 'triplet_weight', 1.0))
+  weight = float(config_utils.get(cfg, 'triplet_weight', 1.0))
   return ce + weight * tri, {'ce': ce, 'triplet': tri}
 
 
 def _loss_tcel_hard(cfg, outputs, batch, axis_name):
   ce = _ce_term(cfg, outputs, batch)
   tri = _hard_term(cfg, outputs, batch, axis_name)
-  weight = float(_cfg(cfg, 'triplet_weight', 1.0))
+  weight = float(config_utils.get(cfg, 'triplet_weight', 1.0))
   return ce + weight * tri, {'ce': ce, 'triplet': tri}
 
 

@@ -33,15 +33,10 @@ import jax
 import numpy as np
 import optax
 
+from flowers_jax import config_utils
+
 PyTree = Any
 TRAIN, FROZEN = 'train', 'frozen'
-
-
-def _get(cfg: Any, key: str, default: Any) -> Any:
-  """`cfg.get(key, default)` for ConfigDicts, dicts and plain namespaces."""
-  if hasattr(cfg, 'get'):
-    return cfg.get(key, default)
-  return getattr(cfg, key, default)
 
 
 def _key_name(k: Any) -> str:
@@ -142,9 +137,9 @@ def _constant(cfg, lr: float, total_steps: int, warmup: int) -> optax.Schedule:
 def _step(cfg, lr: float, total_steps: int, warmup: int) -> optax.Schedule:
   # Boundaries are fractions of the whole run; the warmup-joined schedule
   # counts from the end of warmup, hence the shift.
-  factor = float(_get(cfg, 'step_factor', 0.1))
+  factor = float(config_utils.get(cfg, 'step_factor', 0.1))
   scales: dict[int, float] = {}
-  for frac in _get(cfg, 'step_boundaries', (0.5, 0.75)):
+  for frac in config_utils.get(cfg, 'step_boundaries', (0.5, 0.75)):
     b = int(round(float(frac) * total_steps)) - warmup
     scales[b] = scales.get(b, 1.0) * factor
   return optax.piecewise_constant_schedule(lr, scales)
@@ -161,11 +156,11 @@ SCHEDULES: dict[str, Callable[..., optax.Schedule]] = {
 
 def make_schedule(optim_cfg: Any, total_steps: int) -> optax.Schedule:
   """lr(step) for `optim_cfg.schedule` after `optim_cfg.warmup_steps` warmup."""
-  name = _get(optim_cfg, 'schedule', 'cosine')
+  name = config_utils.get(optim_cfg, 'schedule', 'cosine')
   if name not in SCHEDULES:
     raise ValueError(f'Unknown schedule {name!r}; valid: {sorted(SCHEDULES)}')
-  lr = float(_get(optim_cfg, 'lr', 0.01))
-  warmup = int(_get(optim_cfg, 'warmup_steps', 0) or 0)
+  lr = float(config_utils.get(optim_cfg, 'lr', 0.01))
+  warmup = int(config_utils.get(optim_cfg, 'warmup_steps', 0) or 0)
   if total_steps <= 0:
     raise ValueError(f'total_steps must be positive, got {total_steps}.')
   if not 0 <= warmup < total_steps:
@@ -191,18 +186,18 @@ def _decay_mask(decay_norm_and_bias: bool) -> Callable[[PyTree], PyTree]:
 
 
 def _sgd(cfg, schedule, wd: float, decay_mask) -> optax.GradientTransformation:
-  momentum = float(_get(cfg, 'momentum', 0.9))
+  momentum = float(config_utils.get(cfg, 'momentum', 0.9))
   return optax.chain(
       optax.add_decayed_weights(wd, decay_mask) if wd else optax.identity(),
       optax.sgd(schedule, momentum=momentum or None,
-                nesterov=bool(_get(cfg, 'nesterov', False))))
+                nesterov=bool(config_utils.get(cfg, 'nesterov', False))))
 
 
 def _adamw(cfg, schedule, wd: float,
            decay_mask) -> optax.GradientTransformation:
-  return optax.adamw(schedule, b1=float(_get(cfg, 'b1', 0.9)),
-                     b2=float(_get(cfg, 'b2', 0.999)),
-                     eps=float(_get(cfg, 'eps', 1e-8)),
+  return optax.adamw(schedule, b1=float(config_utils.get(cfg, 'b1', 0.9)),
+                     b2=float(config_utils.get(cfg, 'b2', 0.999)),
+                     eps=float(config_utils.get(cfg, 'eps', 1e-8)),
                      weight_decay=wd, mask=decay_mask)
 
 
@@ -224,13 +219,13 @@ def make_optimizer(optim_cfg: Any, params: PyTree, *, total_steps: int,
     total_steps: number of optimizer steps in the run (for the schedule).
     freeze, head_pattern: see `trainable_mask`.
   """
-  name = _get(optim_cfg, 'name', 'sgd')
+  name = config_utils.get(optim_cfg, 'name', 'sgd')
   if name not in OPTIMIZERS:
     raise ValueError(f'Unknown optimizer {name!r}; valid: {sorted(OPTIMIZERS)}')
   schedule = make_schedule(optim_cfg, total_steps)
-  wd = float(_get(optim_cfg, 'weight_decay', 0.0) or 0.0)
-  decay_mask = _decay_mask(bool(_get(optim_cfg, 'decay_norm_and_bias', False)))
-  clip = float(_get(optim_cfg, 'clip_norm', 0.0) or 0.0)
+  wd = float(config_utils.get(optim_cfg, 'weight_decay', 0.0) or 0.0)
+  decay_mask = _decay_mask(bool(config_utils.get(optim_cfg, 'decay_norm_and_bias', False)))
+  clip = float(config_utils.get(optim_cfg, 'clip_norm', 0.0) or 0.0)
   inner = OPTIMIZERS[name](optim_cfg, schedule, wd, decay_mask)
   if clip > 0:
     inner = optax.chain(optax.clip_by_global_norm(clip), inner)

@@ -136,11 +136,3 @@ def make_eval_step(model: nn.Module, *, axis_name: str | None):
     }
 
   return eval_step
-
-
-def make_predict_fn(model: nn.Module):
-  """`predict(variables, images [B, H, W, 3]) -> probabilities [B, C]`, jitted."""
-  @jax.jit
-  def predict(variables, images):
-    return jax.nn.softmax(model.apply(variables, images, train=False).astype(jnp.float32), -1)
-  return predict

@@ -95,14 +95,18 @@ class EncoderBlock(nn.Module):
     return x + MLPBlock(self.mlp_dim, self.dropout, self.dtype, name='mlp')(y, train)
 
 
-class EncoderLayers(nn.Module):
-  """torch `encoder.layers`: blocks named 'encoder_layer_0', 'encoder_layer_1', ..."""
+class _EncoderFields(nn.Module):
+  """The hyper-parameters shared by `Encoder` and its `EncoderLayers`."""
   num_layers: int
   num_heads: int
   mlp_dim: int
   dropout: float = 0.0
   attention_dropout: float = 0.0
   dtype: Any = jnp.float32
+
+
+class EncoderLayers(_EncoderFields):
+  """torch `encoder.layers`: blocks named 'encoder_layer_0', 'encoder_layer_1', ..."""
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -112,14 +116,8 @@ class EncoderLayers(nn.Module):
     return x
 
 
-class Encoder(nn.Module):
+class Encoder(_EncoderFields):
   """torchvision `Encoder`: + pos_embedding, dropout, layers, ln. [B, N, D] -> [B, N, D]."""
-  num_layers: int
-  num_heads: int
-  mlp_dim: int
-  dropout: float = 0.0
-  attention_dropout: float = 0.0
-  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, train: bool = False):
