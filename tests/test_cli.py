@@ -114,3 +114,23 @@ def test_learns_a_generated_ten_class_set(tmp_path):
   assert len(rows) == 6 and results['test_examples'] == 80
   assert results['test_accuracy'] > 0.5
   assert rows[-1]['train_accuracy'] > rows[0]['train_accuracy'] + 0.2
+
+
+def test_starts_from_torchvision_weights(tmp_path, three_classes):
+  """`init.torchvision=FILE.pth` through the CLI: the report names what was loaded/initialised,
+  and the pretrained-init deformable variant starts from them and trains."""
+  torch = pytest.importorskip('torch')
+  torchvision = pytest.importorskip('torchvision')
+  pth = tmp_path / 'resnet18.pth'
+  torch.save(torchvision.models.resnet18(weights=None).state_dict(), pth)
+  proc = run_cli('--config', 'configs/resnet18.py:deform_parallel_conv1_pretrained_init',
+                 '--workdir', str(tmp_path / 'w'), f'--config.data.dir={three_classes}',
+                 '--config.model.num_classes=3', f'--config.init.torchvision={pth}',
+                 '--config.data.image_size=32', '--config.train.epochs=1',
+                 '--config.train.batch_size=4', '--config.train.eval_batch_size=4')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert 'loaded 100 torchvision tensors' in proc.stdout
+  assert 'params/deform_parallel_conv1/kernel' in proc.stdout  # newly initialised
+  assert 'dropped 2 torch keys [fc.weight, fc.bias]' in proc.stdout
+  results = json.loads((tmp_path / 'w' / 'results.json').read_text())
+  assert results['epochs'] == 1 and 0.0 <= results['test_accuracy'] <= 1.0
