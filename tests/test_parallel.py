@@ -4,6 +4,7 @@ A ResNet18 with BatchNorm: gradients summed instead of averaged, or BatchNorm st
 per device instead of over the global batch, both change the params after a few steps.
 """
 
+import json
 import os
 import socket
 import subprocess
@@ -76,3 +77,45 @@ def test_two_processes_match_one_device(tmp_path):
   for mode in ('pmap', 'sharded'):
     worst = _assert_close(expected, dict(np.load(f'{out}_{mode}.npz')))
     print(f'{mode}: 2 hosts x 2 devices vs 1 device max abs diff {worst:.2e}')
+
+
+def _cli(workdir, data_dir, port=None, process_id=0, local_devices=4):
+  """The CLI on the fake set; with `port`, as one of 2 processes (gloo on 127.0.0.1)."""
+  args = [sys.executable, '-m', 'flowers_jax.main', '--config', 'configs/demo.py',
+          '--workdir', str(workdir), f'--config.data.dir={data_dir}',
+          '--config.model.num_classes=4', '--config.data.image_size=16',
+          '--config.train.epochs=2', '--config.train.batch_size=8',
+          '--config.train.eval_batch_size=8', '--config.optim.warmup_steps=0',
+          # A small lr keeps float32 round-off (other reduction orders across hosts) from
+          # being amplified; wrong rows per host or a double-counted eval are O(1) anyway.
+          '--config.optim.lr=1e-5']
+  if port is not None:
+    args += [f'--config.distributed.coordinator_address=127.0.0.1:{port}',
+             '--config.distributed.num_processes=2', f'--config.distributed.process_id={process_id}']
+  env = {**{k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'},
+         'XLA_FLAGS': f'--xla_force_host_platform_device_count={local_devices}'}
+  return subprocess.Popen(args, cwd=os.path.dirname(HERE), env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+
+
+def test_cli_two_processes_match_one_process(tmp_path):
+  """The whole loop (data split per host, eval psum, orbax saves from both processes) on
+  2 processes x 2 devices gives the metrics of 1 process x 4 devices."""
+  from flowers_jax import data
+  data_dir = tmp_path / 'data'
+  data.make_fake_flowers(str(data_dir), num_classes=4, per_class=8, image_size=20, seed=0)
+  port = _free_port()
+  procs = [_cli(tmp_path / 'two', data_dir, port, i, local_devices=2) for i in range(2)]
+  procs.append(_cli(tmp_path / 'one', data_dir))
+  outs = [p.communicate(timeout=600)[0] for p in procs]
+  assert all(p.returncode == 0 for p in procs), '\n'.join(o[-3000:] for o in outs)
+  rows = {name: [json.loads(line) for line in (tmp_path / name / 'metrics.jsonl').open()]
+          for name in ('one', 'two')}
+  assert len(rows['one']) == len(rows['two']) == 2
+  for a, b in zip(rows['one'], rows['two']):
+    np.testing.assert_allclose(a['train_loss'], b['train_loss'], rtol=1e-4)
+    np.testing.assert_allclose(a['val_loss'], b['val_loss'], rtol=1e-4)
+    assert a['val_accuracy'] == b['val_accuracy']
+  results = [json.loads((tmp_path / n / 'results.json').read_text()) for n in ('one', 'two')]
+  assert results[0]['test_accuracy'] == results[1]['test_accuracy']
+  assert results[1]['devices'] == 4
