@@ -55,6 +55,14 @@ def initialize_distributed(coordinator_address: str, num_processes: int, process
                              num_processes=num_processes, process_id=process_id)
 
 
+def _check_rows(x, n: int):
+  """The host batch must split evenly over the `n` local devices."""
+  if x.shape[0] % n:
+    raise ValueError(f'host batch of {x.shape[0]} rows does not split over {n} local devices; '
+                     f'use a batch size divisible by {n * jax.process_count()}')
+  return x
+
+
 def _first_replica(x):
   """The value of a replicated array as host numpy (works across hosts)."""
   if isinstance(x, jax.Array) and not x.is_fully_addressable:
@@ -95,10 +103,7 @@ class Pmap:
     n = self.num_local_devices
 
     def split(x):
-      if x.shape[0] % n:
-        raise ValueError(f'host batch of {x.shape[0]} rows does not split over {n} local devices; '
-                         f'use a batch size divisible by {n * jax.process_count()}')
-      return x.reshape(n, -1, *x.shape[1:])
+      return _check_rows(x, n).reshape(n, -1, *x.shape[1:])
 
     return jax.device_put(jax.tree.map(split, batch), self._stacked)
 
@@ -106,9 +111,8 @@ class Pmap:
     return jax.pmap(step, axis_name=self.axis_name,
                     donate_argnums=(0,) if donate_state else ())
 
-  def get_metrics(self, metrics: PyTree) -> PyTree:
-    """Metrics were reduced over the axis inside the step: every replica holds the result."""
-    return jax.tree.map(lambda x: np.asarray(x[0]), metrics)
+  # Metrics were reduced over the axis inside the step: every replica holds the result.
+  get_metrics = get_state
 
 
 @dataclasses.dataclass
@@ -137,10 +141,8 @@ class Sharded:
   def put_batch(self, batch: dict) -> dict:
     """Host-local rows -> one global array sharded over 'data' on the first axis."""
     def place(x):
-      if x.shape[0] % self.num_local_devices:
-        raise ValueError(f'host batch of {x.shape[0]} rows does not split over '
-                         f'{self.num_local_devices} local devices')
-      return jax.make_array_from_process_local_data(self.data_sharding, x)
+      return jax.make_array_from_process_local_data(
+          self.data_sharding, _check_rows(x, self.num_local_devices))
     return jax.tree.map(place, batch)
 
   def compile(self, step: StepFn, donate_state: bool = True) -> StepFn:
@@ -148,8 +150,7 @@ class Sharded:
                    out_shardings=self.replicated,
                    donate_argnums=(0,) if donate_state else ())
 
-  def get_metrics(self, metrics: PyTree) -> PyTree:
-    return jax.tree.map(_first_replica, metrics)
+  get_metrics = get_state  # metrics come back replicated, like the state
 
 
 STRATEGIES = {'pmap': Pmap, 'sharded': Sharded}
