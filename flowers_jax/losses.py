@@ -174,6 +174,11 @@ NEEDS: dict[str, tuple[str, ...]] = {
     'tcel_hard': (),
 }
 
+# The train sampler (`data.Dataset.train_batches(sampler=...)`) whose batches each loss expects:
+# random triplets for the study's losses, P x K batches for batch-hard mining.
+SAMPLER: dict[str, str] = {'ce': 'random', 'tcel': 'triplet', 'triplet': 'triplet',
+                           'tcel_hard': 'pk'}
+
 LossFn = Callable[..., tuple[Array, dict[str, Array]]]
 
 

@@ -30,7 +30,7 @@ import ml_collections
 import numpy as np
 
 from flowers_jax import checkpoint as ckpt_lib
-from flowers_jax import models, optim, parallel, steps
+from flowers_jax import losses, models, optim, parallel, steps
 from flowers_jax.steps import TrainState
 
 MODEL_KEYS = ('name', 'num_classes')  # every other key of config.model is a model option
@@ -189,7 +189,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                                       bn_train=bn_train))
   eval_step = strategy.compile(steps.make_eval_step(model, axis_name=strategy.axis_name),
                                donate_state=False)
-  sampler = {'tcel': 'triplet', 'triplet': 'triplet', 'tcel_hard': 'pk'}.get(tc.loss, 'random')
+  sampler = losses.SAMPLER[tc.loss]
   state = strategy.put_state(state)
   ckpt_lib.install_signal_handlers()
 

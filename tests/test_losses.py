@@ -210,3 +210,8 @@ def test_compute_unknown_loss_lists_valid_names():
   o, b = _outputs_and_batch()
   with pytest.raises(ValueError, match='tcel_hard'):
     losses.compute('focal', ml_collections.ConfigDict(), o, b)
+
+
+def test_every_loss_names_its_batch_inputs_and_sampler():
+  assert set(losses.SAMPLER) == set(losses.NEEDS) == set(losses.LOSSES)
+  assert losses.SAMPLER['tcel_hard'] == 'pk' and losses.SAMPLER['tcel'] == 'triplet'
