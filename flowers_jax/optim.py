@@ -11,8 +11,10 @@ The optimizer is one `optax.GradientTransformation` built from `config.optim`:
   The inner 'train' transform only ever sees the trainable leaves, so gradient
   clipping computes the global norm on trainable params only.
 - Weight decay skips 1-D params (biases, norm scales) unless
-  `decay_norm_and_bias`. SGD adds `wd * p` to the gradient before momentum
-  (torch `SGD(weight_decay=...)`); AdamW decays decoupled, scaled by the lr
+  `decay_norm_and_bias`, and the paths of the model's `no_weight_decay`
+  regex (ViT's pos_embedding and class_token, as torchvision's recipe).
+  SGD adds `wd * p` to the gradient before momentum (torch
+  `SGD(weight_decay=...)`); AdamW decays decoupled, scaled by the lr
   (torch `AdamW`).
 - Schedules: 'constant' | 'step' | 'cosine', each after a linear warmup from 0
   to `lr` over `warmup_steps` (the caller converts warmup epochs to steps).
@@ -177,12 +179,17 @@ def make_schedule(optim_cfg: Any, total_steps: int) -> optax.Schedule:
 # Optimizers.
 
 
-def _decay_mask(decay_norm_and_bias: bool) -> Callable[[PyTree], PyTree]:
+def _decay_mask(decay_norm_and_bias: bool,
+                no_decay: str = '') -> Callable[[PyTree], PyTree]:
+  """Which leaves weight decay applies to: rank > 1 (unless `decay_norm_and_bias`), and
+  not a path matching the model's `no_decay` regex (ViT: pos_embedding, class_token)."""
   # A callable, so that it applies to the (masked) tree the inner transform
   # actually sees inside multi_transform.
-  if decay_norm_and_bias:
-    return lambda p: jax.tree.map(lambda _: True, p)
-  return lambda p: jax.tree.map(lambda x: np.ndim(x) > 1, p)
+  def decayed(path: str, x) -> bool:
+    if no_decay and re.search(no_decay, path):
+      return False
+    return decay_norm_and_bias or np.ndim(x) > 1
+  return lambda p: jax.tree.map(decayed, param_paths(p), p)
 
 
 def _sgd(cfg, schedule, wd: float, decay_mask) -> optax.GradientTransformation:
@@ -207,7 +214,8 @@ OPTIMIZERS: dict[str, Callable[..., optax.GradientTransformation]] = {
 
 def make_optimizer(optim_cfg: Any, params: PyTree, *, total_steps: int,
                    freeze: Any = 'none',
-                   head_pattern: str | None = None
+                   head_pattern: str | None = None,
+                   no_decay: str = ''
                    ) -> optax.GradientTransformation:
   """The run's optimizer (see the module docstring).
 
@@ -218,13 +226,16 @@ def make_optimizer(optim_cfg: Any, params: PyTree, *, total_steps: int,
     params: the params tree (only its structure, paths and ranks are used).
     total_steps: number of optimizer steps in the run (for the schedule).
     freeze, head_pattern: see `trainable_mask`.
+    no_decay: regex on param paths exempt from weight decay
+      (`models.spec(name).no_weight_decay`).
   """
   name = config_utils.get(optim_cfg, 'name', 'sgd')
   if name not in OPTIMIZERS:
     raise ValueError(f'Unknown optimizer {name!r}; valid: {sorted(OPTIMIZERS)}')
   schedule = make_schedule(optim_cfg, total_steps)
   wd = float(config_utils.get(optim_cfg, 'weight_decay', 0.0) or 0.0)
-  decay_mask = _decay_mask(bool(config_utils.get(optim_cfg, 'decay_norm_and_bias', False)))
+  decay_mask = _decay_mask(bool(config_utils.get(optim_cfg, 'decay_norm_and_bias', False)),
+                           no_decay)
   clip = float(config_utils.get(optim_cfg, 'clip_norm', 0.0) or 0.0)
   inner = OPTIMIZERS[name](optim_cfg, schedule, wd, decay_mask)
   if clip > 0:

@@ -1,6 +1,7 @@
 """ViT-B/16 against torchvision.models.vit_b_16 (random weights, every parameter perturbed)."""
 
 import functools
+import re
 
 import jax
 import numpy as np
@@ -166,3 +167,42 @@ def test_bfloat16_compute_keeps_float32_params():
   variables = jax.eval_shape(model.init, jax.random.PRNGKey(0), x)
   assert {v.dtype for v in jax.tree.leaves(variables)} == {np.dtype(np.float32)}
   assert jax.eval_shape(model.apply, variables, x).dtype == np.float32
+
+
+def _init_stats(values):
+  """(std, mean, max |x|) of a list of arrays taken together."""
+  x = np.concatenate([np.ravel(v) for v in values]).astype(np.float64)
+  return x.std(), x.mean(), np.abs(x).max()
+
+
+def _by_kind(state_dict):
+  """{torch key with the layer index removed: [arrays of the 12 layers]}."""
+  kinds = {}
+  for key, value in state_dict.items():
+    kinds.setdefault(re.sub(r'encoder_layer_\d+', 'encoder_layer_*', key), []).append(value)
+  return kinds
+
+
+def test_random_init_matches_torchvision():
+  """Every leaf of a fresh model against a fresh torchvision vit_b_16(weights=None):
+  std within 3%, mean within 5% of the std, and for U(-a, a) leaves the bound a within 2%;
+  leaves torch sets to a constant (class token, biases, head, LayerNorm) equal to it."""
+  torch.manual_seed(0)
+  expected = _by_kind({k: v.numpy() for k, v in
+                       torchvision.models.vit_b_16(weights=None).state_dict().items()})
+  model = models.create('vit_b16')
+  variables = jax.jit(model.init)(jax.random.PRNGKey(0), np.zeros((1, 224, 224, 3), np.float32))
+  got = _by_kind(convert.flax_to_torchvision('vit_b16', variables))
+  assert sorted(got) == sorted(expected)
+  for kind, values in expected.items():
+    std, mean, bound = _init_stats(values)
+    our_std, our_mean, our_bound = _init_stats(got[kind])
+    print(f'{kind}: std torch {std:.4g} ours {our_std:.4g}; '
+          f'max |x| torch {bound:.4g} ours {our_bound:.4g}')
+    if std == 0:
+      np.testing.assert_array_equal(np.stack(got[kind]), np.stack(values), err_msg=kind)
+      continue
+    assert our_std == pytest.approx(std, rel=0.03), kind
+    assert abs(our_mean - mean) < 0.05 * std, kind
+    if bound / std < 2:  # uniform (bound = sqrt(3) std); normals reach 4-5 std
+      assert our_bound == pytest.approx(bound, rel=0.02), kind

@@ -44,6 +44,8 @@ import jax.numpy as jnp
 
 from flowers_jax.models import registry
 from flowers_jax.models.layers import attention as attention_lib
+from flowers_jax.models.layers.dropout import Dropout, stochastic_depth
+from flowers_jax.models.layers.norm import torch_batchnorm
 
 HEAD = r'^classifier/'
 ATTENTION_OPTIONS = tuple(attention_lib.ATTENTION)
@@ -100,19 +102,6 @@ def block_configs(stages=STAGES, stochastic_depth: float = 0.2) -> list[list[Blo
   return configs
 
 
-def stochastic_depth(x, rate: float, rng):
-  """torchvision `stochastic_depth(mode='row')`: zero whole examples of `x` [B, ...].
-
-  Each example survives with probability 1 - rate and survivors are scaled by
-  1 / (1 - rate); `rng` None (evaluation) or rate 0 returns `x` unchanged.
-  """
-  if rng is None or rate == 0.0:
-    return x
-  keep = 1.0 - rate
-  mask = jax.random.bernoulli(rng, keep, (x.shape[0],) + (1,) * (x.ndim - 1))
-  return x * (mask.astype(x.dtype) / keep) if keep > 0 else jnp.zeros_like(x)
-
-
 class ConvNormAct(nn.Module):
   """torchvision `Conv2dNormActivation`: conv '0' (no bias) -> BatchNorm '1' -> activation."""
   features: int
@@ -163,6 +152,7 @@ class MBConv(nn.Module):
   attention: str
   norm: ModuleDef
   dtype: Any = jnp.float32
+  axis_name: str | None = None  # pmap batch axis: stochastic depth draws for the global batch
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -171,7 +161,7 @@ class MBConv(nn.Module):
       return y
     rate = self.cfg.stochastic_depth
     rng = self.make_rng('dropout') if train and rate > 0 else None
-    return stochastic_depth(y, rate, rng) + x
+    return stochastic_depth(y, rate, rng, self.axis_name) + x
 
 
 class Stage(nn.Module):
@@ -180,11 +170,13 @@ class Stage(nn.Module):
   attention: str
   norm: ModuleDef
   dtype: Any = jnp.float32
+  axis_name: str | None = None
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     for i, cfg in enumerate(self.blocks):
-      x = MBConv(cfg, self.attention, self.norm, self.dtype, name=str(i))(x, train)
+      x = MBConv(cfg, self.attention, self.norm, self.dtype, self.axis_name,
+                 name=str(i))(x, train)
     return x
 
 
@@ -194,13 +186,15 @@ class Features(nn.Module):
   attention: str
   norm: ModuleDef
   dtype: Any = jnp.float32
+  axis_name: str | None = None
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     cna = functools.partial(ConvNormAct, norm=self.norm, dtype=self.dtype)
     x = cna(STEM_CHANNELS, 3, stride=2, name='0')(x)
     for i, blocks in enumerate(self.stages):
-      x = Stage(blocks, self.attention, self.norm, self.dtype, name=str(i + 1))(x, train)
+      x = Stage(blocks, self.attention, self.norm, self.dtype, self.axis_name,
+                name=str(i + 1))(x, train)
     return cna(HEAD_CHANNELS, 1, name=str(len(self.stages) + 1))(x)
 
 
@@ -215,10 +209,11 @@ class Classifier(nn.Module):
   num_classes: int
   dropout: float
   dtype: Any = jnp.float32
+  axis_name: str | None = None
 
   @nn.compact
   def __call__(self, x, train: bool = False):  # [B, D] -> [B, num_classes]
-    x = nn.Dropout(self.dropout, deterministic=not train)(x)
+    x = Dropout(self.dropout, self.axis_name)(x, deterministic=not train)
     return nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=classifier_kernel_init,
                     name='1')(x)
 
@@ -237,19 +232,18 @@ class EfficientNet(nn.Module):
                return_embedding: bool = False):
     """[B, H, W, 3] -> logits [B, num_classes] (and embedding [B, 1280]), float32.
 
-    `train` switches dropout and stochastic depth (rng 'dropout'); `bn_train` (default
-    `train`) uses batch statistics and updates 'batch_stats'.
+    `train` switches dropout and stochastic depth (rng 'dropout', masks drawn for the global
+    batch: the same numbers on any device count); `bn_train` (default `train`) uses batch
+    statistics and updates 'batch_stats' (torch's unbiased running variance).
     """
     if self.attention not in ATTENTION_OPTIONS:
       raise ValueError(f'unknown attention={self.attention!r}; valid: {ATTENTION_OPTIONS}')
     bn_train = train if bn_train is None else bn_train
-    norm = functools.partial(
-        nn.BatchNorm, use_running_average=not bn_train, momentum=0.9, epsilon=1e-5,
-        dtype=self.dtype, axis_name=self.bn_axis_name, use_fast_variance=False)
+    norm = torch_batchnorm(running=not bn_train, axis_name=self.bn_axis_name, dtype=self.dtype)
     x = Features(block_configs(STAGES, self.stochastic_depth), self.attention, norm,
-                 self.dtype, name='features')(jnp.asarray(x, self.dtype), train)
+                 self.dtype, self.bn_axis_name, name='features')(jnp.asarray(x, self.dtype), train)
     embedding = jnp.mean(x, axis=(1, 2))  # AdaptiveAvgPool2d(1) + flatten: [B, 1280]
-    logits = Classifier(self.num_classes, self.dropout, self.dtype,
+    logits = Classifier(self.num_classes, self.dropout, self.dtype, self.bn_axis_name,
                         name='classifier')(embedding, train).astype(jnp.float32)
     if return_embedding:
       return logits, embedding.astype(jnp.float32)

@@ -80,6 +80,7 @@ class ModelSpec:
   torch_rules: tuple[TorchRule, ...] = ()
   torch_aliases: tuple[tuple[str, str], ...] = ()
   post_load: Callable[..., Any] | None = None
+  no_weight_decay: str = ''  # regex on param paths exempt from weight decay (besides 1-D)
 
   @property
   def options(self) -> tuple[str, ...]:
@@ -93,7 +94,7 @@ HEAD_PATTERNS: dict[str, str] = {}
 
 
 def register(name: str, *, head: str, torchvision: str | None = None,
-             torch_rules=(), torch_aliases=(), post_load=None):
+             torch_rules=(), torch_aliases=(), post_load=None, no_weight_decay: str = ''):
   """Decorator registering `factory` under `name`; returns the factory unchanged.
 
   Args:
@@ -105,6 +106,8 @@ def register(name: str, *, head: str, torchvision: str | None = None,
       older state_dict key names, e.g. (r'\\.mlp\\.linear_1\\.', '.mlp.0.').
     post_load: optional hook run by the converter after loading torchvision weights,
       `post_load(flat_variables, initialised_paths, **model_options) -> flat_variables`.
+    no_weight_decay: regex on param paths that weight decay skips besides biases and norm
+      scales (which `optim` always skips), e.g. ViT's position embedding and class token.
   """
   def decorator(factory):
     if name in _MODELS:
@@ -114,7 +117,8 @@ def register(name: str, *, head: str, torchvision: str | None = None,
       raise TypeError(f'factory for {name!r} must accept {missing}')
     re.compile(head)
     _MODELS[name] = ModelSpec(name, factory, head, torchvision or name,
-                              tuple(torch_rules), tuple(torch_aliases), post_load)
+                              tuple(torch_rules), tuple(torch_aliases), post_load,
+                              no_weight_decay)
     HEAD_PATTERNS[name] = head
     return factory
   return decorator

@@ -5,7 +5,8 @@ of a Bottleneck) so that converted torchvision weights give the same outputs:
 
 - explicit symmetric padding (k // 2 on each side), never 'SAME' (it pads stride-2
   convs asymmetrically);
-- BatchNorm eps 1e-5, Flax momentum 0.9 (= 1 - torch momentum 0.1), two-pass variance;
+- BatchNorm eps 1e-5, Flax momentum 0.9 (= 1 - torch momentum 0.1), two-pass variance,
+  running variance updated with the unbiased batch variance (`layers/norm.py`);
 - submodule names mirror the torchvision state_dict keys, so the Flax path
   ('layer1', '0', 'conv1', 'kernel') is torch 'layer1.0.conv1.weight' and
   ('layer1', '0', 'downsample', '1', 'mean') is 'layer1.0.downsample.1.running_mean';
@@ -52,6 +53,7 @@ import numpy as np
 
 from flowers_jax.models import registry
 from flowers_jax.models.layers import deform as deform_layers
+from flowers_jax.models.layers.norm import torch_batchnorm
 
 HEAD = r'^fc/'
 # Deformable-convolution placements (DESIGN.md section 5; see the module docstring).
@@ -247,9 +249,7 @@ class ResNet(nn.Module):
     self._check_options()
     bn_train = train if bn_train is None else bn_train
     conv_ = functools.partial(conv, dtype=self.dtype)
-    norm = functools.partial(
-        nn.BatchNorm, use_running_average=not bn_train, momentum=0.9, epsilon=1e-5,
-        dtype=self.dtype, axis_name=self.bn_axis_name, use_fast_variance=False)
+    norm = torch_batchnorm(running=not bn_train, axis_name=self.bn_axis_name, dtype=self.dtype)
 
     x = self._stem(jnp.asarray(x, self.dtype), conv_, norm)
     self.sow('intermediates', 'stem', x)

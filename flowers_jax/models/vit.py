@@ -18,7 +18,9 @@ Matches `torchvision.models.vit_b_16` (torchvision 0.29 `models/vision_transform
   `mlp.linear_1` / `mlp.linear_2`: `TORCH_ALIASES`).
 - Initialisers follow torchvision where it sets them: pos_embedding N(0, 0.02),
   class_token 0, MLP xavier-uniform with N(0, 1e-6) biases, `heads.head` zeros,
-  conv_proj truncated normal with std sqrt(1/fan_in).
+  conv_proj N(0, 1/fan_in) truncated at +-2 (absolute, as torch's trunc_normal_), q/k/v
+  xavier-uniform over torch's stacked [2304, 768] in_proj, out_proj nn.Linear's default
+  U(+-1/sqrt(768)), attention biases 0.
 
 86,567,656 parameters with 1000 classes.
 
@@ -46,6 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flowers_jax.models import registry
+from flowers_jax.models.layers.dropout import Dropout
 
 HEAD = r'^heads/'
 PATCH_SIZE = 16
@@ -54,6 +57,15 @@ NUM_LAYERS = 12
 NUM_HEADS = 12
 MLP_DIM = 3072
 LN_EPS = 1e-6
+# Exempt from weight decay besides biases and norm scales (torchvision's ViT recipe:
+# references/classification/train.py --transformer-embedding-decay 0).
+NO_WEIGHT_DECAY = r'(^|/)(pos_embedding|class_token)$'
+
+
+def layer_norm_(dtype: Any, name: str) -> nn.LayerNorm:
+  """torch `LayerNorm(eps=1e-6)`: two-pass variance (Flax's fast E[x^2] - E[x]^2 is off by
+  6.7e-3 from torch when a token's mean is 100x its std; two-pass: 2.3e-5)."""
+  return nn.LayerNorm(epsilon=LN_EPS, dtype=dtype, use_fast_variance=False, name=name)
 
 
 class MLPBlock(nn.Module):
@@ -61,6 +73,7 @@ class MLPBlock(nn.Module):
   mlp_dim: int
   dropout: float = 0.0
   dtype: Any = jnp.float32
+  axis_name: str | None = None  # pmap batch axis: dropout masks drawn for the global batch
 
   @nn.compact
   def __call__(self, x, train: bool = False):  # [B, N, D] -> [B, N, D]
@@ -69,9 +82,9 @@ class MLPBlock(nn.Module):
         features, dtype=self.dtype, kernel_init=nn.initializers.xavier_uniform(),
         bias_init=nn.initializers.normal(1e-6), name=name)
     x = nn.gelu(dense(self.mlp_dim, '0')(x), approximate=False)
-    x = nn.Dropout(self.dropout, deterministic=not train)(x)
+    x = Dropout(self.dropout, self.axis_name)(x, deterministic=not train)
     x = dense(d, '3')(x)
-    return nn.Dropout(self.dropout, deterministic=not train)(x)
+    return Dropout(self.dropout, self.axis_name)(x, deterministic=not train)
 
 
 class EncoderBlock(nn.Module):
@@ -81,18 +94,24 @@ class EncoderBlock(nn.Module):
   dropout: float = 0.0
   attention_dropout: float = 0.0
   dtype: Any = jnp.float32
+  axis_name: str | None = None
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    layer_norm = lambda name: nn.LayerNorm(epsilon=LN_EPS, dtype=self.dtype, name=name)
+    layer_norm = lambda name: layer_norm_(self.dtype, name)
     y = layer_norm('ln_1')(x)
     y = nn.MultiHeadDotProductAttention(
         num_heads=self.num_heads, dtype=self.dtype, dropout_rate=self.attention_dropout,
-        kernel_init=nn.initializers.xavier_uniform(), name='self_attention')(
+        # torch MHA: q/k/v xavier-uniform over the stacked [3D, D] in_proj, i.e. half the
+        # variance of a [D, D] xavier; out_proj nn.Linear's U(+-1/sqrt(D)); biases 0.
+        kernel_init=nn.initializers.variance_scaling(0.5, 'fan_avg', 'uniform'),
+        out_kernel_init=nn.initializers.variance_scaling(1 / 3, 'fan_in', 'uniform'),
+        name='self_attention')(
             y, y, deterministic=not train)
-    x = x + nn.Dropout(self.dropout, deterministic=not train)(y)
+    x = x + Dropout(self.dropout, self.axis_name)(y, deterministic=not train)
     y = layer_norm('ln_2')(x)
-    return x + MLPBlock(self.mlp_dim, self.dropout, self.dtype, name='mlp')(y, train)
+    return x + MLPBlock(self.mlp_dim, self.dropout, self.dtype, self.axis_name,
+                        name='mlp')(y, train)
 
 
 class _EncoderFields(nn.Module):
@@ -103,6 +122,7 @@ class _EncoderFields(nn.Module):
   dropout: float = 0.0
   attention_dropout: float = 0.0
   dtype: Any = jnp.float32
+  axis_name: str | None = None
 
 
 class EncoderLayers(_EncoderFields):
@@ -112,7 +132,7 @@ class EncoderLayers(_EncoderFields):
   def __call__(self, x, train: bool = False):
     for i in range(self.num_layers):
       x = EncoderBlock(self.num_heads, self.mlp_dim, self.dropout, self.attention_dropout,
-                       self.dtype, name=f'encoder_layer_{i}')(x, train)
+                       self.dtype, self.axis_name, name=f'encoder_layer_{i}')(x, train)
     return x
 
 
@@ -123,10 +143,10 @@ class Encoder(_EncoderFields):
   def __call__(self, x, train: bool = False):
     pos = self.param('pos_embedding', nn.initializers.normal(0.02), (1,) + x.shape[1:])
     x = x + jnp.asarray(pos, self.dtype)
-    x = nn.Dropout(self.dropout, deterministic=not train)(x)
+    x = Dropout(self.dropout, self.axis_name)(x, deterministic=not train)
     x = EncoderLayers(self.num_layers, self.num_heads, self.mlp_dim, self.dropout,
-                      self.attention_dropout, self.dtype, name='layers')(x, train)
-    return nn.LayerNorm(epsilon=LN_EPS, dtype=self.dtype, name='ln')(x)
+                      self.attention_dropout, self.dtype, self.axis_name, name='layers')(x, train)
+    return layer_norm_(self.dtype, 'ln')(x)
 
 
 class Heads(nn.Module):
@@ -151,7 +171,7 @@ class VisionTransformer(nn.Module):
   mlp_dim: int = MLP_DIM
   dropout: float = 0.0
   attention_dropout: float = 0.0
-  bn_axis_name: str | None = None  # accepted for a uniform interface; ViT has no BatchNorm
+  bn_axis_name: str | None = None  # pmap batch axis (dropout masks for the global batch)
   dtype: Any = jnp.float32
 
   def _check_input(self, x):
@@ -175,17 +195,17 @@ class VisionTransformer(nn.Module):
     """
     del bn_train  # no BatchNorm
     self._check_input(x)
-    fan_in = 3 * self.patch_size ** 2
+    std = math.sqrt(1 / (3 * self.patch_size ** 2))  # torch trunc_normal_ cuts at +-2 absolute
     x = nn.Conv(self.hidden_dim, (self.patch_size,) * 2, strides=(self.patch_size,) * 2,
                 padding='VALID', dtype=self.dtype,
-                kernel_init=nn.initializers.truncated_normal(math.sqrt(1 / fan_in)),
+                kernel_init=nn.initializers.truncated_normal(std, lower=-2 / std, upper=2 / std),
                 name='conv_proj')(jnp.asarray(x, self.dtype))  # [B, S/16, S/16, D]
     b, h, w, d = x.shape
     x = x.reshape(b, h * w, d)                                  # [B, N, D], row-major
     cls = self.param('class_token', nn.initializers.zeros, (1, 1, d))
     x = jnp.concatenate([jnp.broadcast_to(jnp.asarray(cls, x.dtype), (b, 1, d)), x], axis=1)
     x = Encoder(self.num_layers, self.num_heads, self.mlp_dim, self.dropout,
-                self.attention_dropout, self.dtype, name='encoder')(x, train)
+                self.attention_dropout, self.dtype, self.bn_axis_name, name='encoder')(x, train)
     embedding = x[:, 0]                                          # class token, [B, D]
     logits = Heads(self.num_classes, self.dtype, name='heads')(embedding).astype(jnp.float32)
     if return_embedding:
@@ -301,7 +321,8 @@ TORCH_ALIASES = ((r'\.mlp\.linear_1\.', '.mlp.0.'), (r'\.mlp\.linear_2\.', '.mlp
 
 
 @registry.register('vit_b16', head=HEAD, torchvision='vit_b_16',
-                   torch_rules=TORCH_RULES, torch_aliases=TORCH_ALIASES)
+                   torch_rules=TORCH_RULES, torch_aliases=TORCH_ALIASES,
+                   no_weight_decay=NO_WEIGHT_DECAY)
 def vit_b16(num_classes=1000, *, bn_axis_name=None, dtype=jnp.float32,
             image_size=224, dropout=0.0):
   """torchvision vit_b_16 for `image_size` x `image_size` inputs, embedding 768."""
