@@ -68,6 +68,16 @@ and freshly initialised. Torch keys the model lacks (SE weights in an ECA model)
 'dropped'; Flax leaves no torch key fills (ECA, deformable layers, a new head) are
 'initialised' by the model's own initialisers with a fixed seed (`rng`).
 
+Every backbone tensor must load: a ValueError (one line: how many are missing, a few
+keys) is raised when a leaf torchvision's model has, other than the head, finds no torch
+key, unless `allow_partial=True` (then those leaves are initialised and listed in the
+report). Backbone = the keys of the model built without options, i.e. torchvision's
+architecture; the layers an option adds (ECA, deformable convs) are initialised. Before
+matching, a state_dict is taken out of the dicts training scripts wrap it in
+(`WRAPPER_KEYS`: {'model': sd}, {'state_dict': sd}, nested) and DataParallel's
+'module.' prefixes are removed. A path that does not exist raises FileNotFoundError, a
+file torch cannot read or a directory that is no converted checkpoint a ValueError.
+
 Checkpoint directories
 ----------------------
 `scripts/convert_torchvision.py` writes converted variables as an orbax checkpoint
@@ -307,19 +317,111 @@ def _state_dict_classes(name: str, state_dict: Mapping[str, Array],
   return None
 
 
+EXPECTED_WEIGHTS = ('expected a torchvision state_dict saved with torch.save (.pth) or a '
+                    'directory written by scripts/convert_torchvision.py')
+# Training scripts save the state_dict inside a dict: {'model': sd} (torchvision's
+# references), {'state_dict': sd} (Lightning), {'model_state_dict': sd} (torch tutorials),
+# nested at most _MAX_WRAPPERS deep.
+WRAPPER_KEYS = ('state_dict', 'model', 'model_state_dict')
+_MAX_WRAPPERS = 3
+# Key prefixes of wrapped modules: DataParallel / DistributedDataParallel, torch.compile.
+WRAPPER_PREFIX = re.compile(r'^(?:module\.|_orig_mod\.)+')
+
+
+def _unwrap(source: Mapping) -> Mapping:
+  """The state_dict inside checkpoint wrappers ({'model': {'state_dict': sd}} -> sd)."""
+  for _ in range(_MAX_WRAPPERS):
+    inner = [source[k] for k in WRAPPER_KEYS if isinstance(source.get(k), Mapping)]
+    if not inner:
+      break
+    source = inner[0]
+  return source
+
+
+def _state_dict_arrays(source: Mapping) -> dict[str, Array]:
+  """{torch key: numpy array}, wrappers and 'module.' prefixes removed."""
+  return {WRAPPER_PREFIX.sub('', str(k)): _to_numpy(v) for k, v in _unwrap(source).items()}
+
+
+def _torch_load(path: str):
+  """torch.load of a weights file; ValueError (one line) for anything torch cannot read."""
+  try:
+    import torch  # pylint: disable=g-import-not-at-top  (the torch extra, only for .pth)
+  except ImportError:
+    raise ImportError(f'reading {path} needs torch (pip install flowers_jax[torch]); or '
+                      'convert it with scripts/convert_torchvision.py') from None
+  try:
+    return torch.load(path, map_location='cpu', weights_only=True)
+  except Exception as e:  # pylint: disable=broad-except  (Unpickling, Runtime, EOF...)
+    reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
+    raise ValueError(f'{path} is not a torch weights file ({type(e).__name__}: {reason}); '
+                     f'{EXPECTED_WEIGHTS}') from None
+
+
+def _read_directory(name: str, path: str) -> dict[str, Array]:
+  """The state_dict of a `save_variables` directory (ValueError for any other one)."""
+  try:
+    metadata = load_metadata(path) if os.path.exists(
+        os.path.join(path, '_CHECKPOINT_METADATA')) else {}
+  except Exception:  # pylint: disable=broad-except  (orbax: a damaged or foreign layout)
+    metadata = {}
+  if 'model' not in metadata:
+    raise ValueError(f'{path} is a directory but not a converted checkpoint; '
+                     f'{EXPECTED_WEIGHTS}')
+  if metadata['model'] != name:
+    raise ValueError(f'{path} holds {metadata["model"]!r} variables, not {name!r}')
+  return flax_to_torchvision(name, load_variables(path), **metadata.get('options', {}))
+
+
 def _read_state_dict(name: str, source) -> dict[str, Array]:
-  """A state_dict from a mapping, a torch .pth file or a `save_variables` directory."""
+  """A state_dict from a mapping, a torch .pth file or a `save_variables` directory.
+
+  Wrappers ({'model': sd}, {'state_dict': sd}, see `WRAPPER_KEYS`) and 'module.'
+  prefixes are removed. A missing path raises FileNotFoundError, anything else that
+  is no weights file a ValueError, each with one line.
+  """
   if isinstance(source, Mapping):
-    return {k: _to_numpy(v) for k, v in source.items()}
+    return _state_dict_arrays(source)
   path = os.fspath(source)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'weights path {path} does not exist; {EXPECTED_WEIGHTS}')
   if os.path.isdir(path):
-    metadata = load_metadata(path)
-    if metadata.get('model', name) != name:
-      raise ValueError(f'{path} holds {metadata["model"]!r} variables, not {name!r}')
-    return flax_to_torchvision(name, load_variables(path), **metadata.get('options', {}))
-  import torch  # pylint: disable=g-import-not-at-top  (the torch extra, only for .pth)
-  loaded = torch.load(path, map_location='cpu', weights_only=True)
-  return {k: _to_numpy(v) for k, v in loaded.items()}
+    return _read_directory(name, path)
+  loaded = _torch_load(path)
+  if not isinstance(loaded, Mapping):
+    raise ValueError(f'{path} holds a {type(loaded).__name__}, not a state_dict; '
+                     f'{EXPECTED_WEIGHTS}')
+  return _state_dict_arrays(loaded)
+
+
+def _torchvision_keys(name: str, entries: Mapping[str, Entry], num_classes: int,
+                      model_options) -> list[str]:
+  """The torch keys of `entries` that torchvision's model has, its head excluded.
+
+  The model's options add layers torchvision lacks (ECA, deformable convs): the keys
+  of the model without options (= torchvision's architecture) tell them apart.
+  """
+  keys = list(entries)
+  if model_options:
+    plain = models.create(name, num_classes=num_classes)
+    plain_keys = table(name, {p: v.shape for p, v in _abstract_variables(plain).items()})[0]
+    keys = [k for k in keys if k in plain_keys]
+  keys = [k for k in keys if not any(_is_head(name, p) for p in entries[k].flax_paths)]
+  return sorted(keys, key=lambda k: not entries[k].flax_paths[0].startswith('params/'))
+
+
+def _check_complete(name: str, required: list[str], report: Report) -> None:
+  """ValueError (one line) when a backbone tensor of `required` was not loaded."""
+  loaded = set(report.loaded)
+  missing = [k for k in required if k not in loaded]
+  if missing:
+    raise ValueError(
+        f'{name}: {len(missing)} of {len(required)} backbone tensors missing from the '
+        f'weights, e.g. {_short(missing, 3)}; unused keys in the weights: '
+        f'{len(report.dropped)} {_short(report.dropped, 3)}. Valid: a torchvision '
+        f'state_dict, possibly inside {"/".join(WRAPPER_KEYS)} dicts or with "module." '
+        'prefixes; allow_partial=True (config init.allow_partial) loads what matches '
+        'and initialises the rest')
 
 
 def _rename(key: str, aliases) -> str:
@@ -331,16 +433,22 @@ def _rename(key: str, aliases) -> str:
 # --- the two directions ----------------------------------------------------------------
 
 def torchvision_to_flax(name: str, state_dict, num_classes: int | None = None, *,
-                        rng: jax.Array | None = None, **model_options):
+                        rng: jax.Array | None = None, allow_partial: bool = False,
+                        **model_options):
   """Converts a torchvision state_dict into Flax variables for `models.create(name, ...)`.
 
   Args:
     name: registered model name ('resnet18').
     state_dict: {torch key: tensor or numpy array}, a path to a torch .pth file, or a
-      directory written by `save_variables` / scripts/convert_torchvision.py.
+      directory written by `save_variables` / scripts/convert_torchvision.py. A
+      state_dict inside {'model': ...} / {'state_dict': ...} dicts (`WRAPPER_KEYS`) or
+      with DataParallel's 'module.' prefixes is unwrapped.
     num_classes: head size; None keeps the checkpoint's. Another size than the
       checkpoint's drops its head and initialises a new one.
     rng: PRNG key for freshly initialised leaves (default PRNGKey(0)).
+    allow_partial: load whatever matches and initialise the rest; by default a
+      ValueError is raised unless every backbone tensor (every leaf torchvision's model
+      has, except the head) is loaded.
     **model_options: options of the model (e.g. deform='after_conv1').
 
   Returns:
@@ -378,6 +486,8 @@ def torchvision_to_flax(name: str, state_dict, num_classes: int | None = None, *
       out[path] = np.asarray(array, dtype=target[path].dtype)
     report.loaded.append(key)
 
+  if not allow_partial:
+    _check_complete(name, _torchvision_keys(name, entries, num_classes, model_options), report)
   report.initialised = [p for p in target if p not in out]
   if report.initialised:
     fresh = _init_missing(model, out, jax.random.PRNGKey(0) if rng is None else rng)

@@ -45,6 +45,9 @@ def parse_args(argv):
                            'initialises a new head')
   parser.add_argument('--option', type=parse_option, action='append', default=[],
                       help='model option key=value (repeatable), e.g. deform=after_conv1')
+  parser.add_argument('--allow-partial', action='store_true',
+                      help='load the tensors that match and initialise the rest (default: '
+                           'stop unless every backbone tensor loads)')
   parser.add_argument('--seed', type=int, default=0, help='seed of new leaves')
   parser.add_argument('--force', action='store_true', help='overwrite --out')
   return parser.parse_args(argv)
@@ -63,9 +66,12 @@ def main(argv=None) -> convert.Report:
   args = parse_args(sys.argv[1:] if argv is None else argv)
   options = dict(args.option)
   state_dict = download(args.model) if args.download else args.weights
-  variables, report = convert.torchvision_to_flax(
-      args.model, state_dict, args.num_classes, rng=jax.random.PRNGKey(args.seed),
-      **options)
+  try:
+    variables, report = convert.torchvision_to_flax(
+        args.model, state_dict, args.num_classes, rng=jax.random.PRNGKey(args.seed),
+        allow_partial=args.allow_partial, **options)
+  except (ValueError, FileNotFoundError) as e:  # one line, no traceback
+    raise SystemExit(f'error: {e}') from None
   num_classes = convert.head_classes(args.model, variables)
   convert.save_variables(args.out, variables, model=args.model, num_classes=num_classes,
                          options=options, report=report, force=args.force)

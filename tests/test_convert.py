@@ -94,7 +94,9 @@ def test_shape_mismatch_outside_the_head_names_key_and_shapes(state_dict):
 def test_unknown_keys_dropped_and_missing_leaves_initialised(state_dict):
   partial = {k: v for k, v in state_dict.items() if not k.startswith('layer1.0.bn1.')}
   partial['layer1.0.se.fc1.weight'] = torch.ones(4, 64, 1, 1)
-  variables, report = convert.torchvision_to_flax('resnet18', partial)
+  with pytest.raises(ValueError, match=r'4 of 100 backbone tensors missing'):
+    convert.torchvision_to_flax('resnet18', partial)
+  variables, report = convert.torchvision_to_flax('resnet18', partial, allow_partial=True)
   assert report.dropped == ['layer1.0.se.fc1.weight']
   assert sorted(report.initialised) == [
       'batch_stats/layer1/0/bn1/mean', 'batch_stats/layer1/0/bn1/var',
@@ -130,6 +132,165 @@ def test_pth_file_and_convert_script_round_trip(state_dict, tmp_path):
   assert sorted(report.dropped) == ['fc.bias', 'fc.weight']
   np.testing.assert_array_equal(head102['params']['layer4']['1']['conv2']['kernel'],
                                 direct['params']['layer4']['1']['conv2']['kernel'])
+
+
+# --- what a weights file may look like, and what it must hold ---------------------------
+
+def _prefixed(sd, prefix):
+  return {prefix + k: v for k, v in sd.items()}
+
+
+WRAPPERS = {  # how training scripts save a state_dict sd
+    'model': lambda sd: {'model': sd, 'epoch': 3},                    # torchvision references
+    'state_dict': lambda sd: {'state_dict': sd, 'optimizer': {'lr': 0.1}},  # Lightning
+    'model_state_dict': lambda sd: {'model_state_dict': sd},         # torch tutorials
+    'nested_twice': lambda sd: {'checkpoint': 1, 'model': {'state_dict': sd}},
+    'module_prefix': lambda sd: _prefixed(sd, 'module.'),             # DataParallel / DDP
+    'ddp_in_model': lambda sd: {'model': _prefixed(sd, 'module.')},
+}
+
+
+def one_line(error) -> str:
+  message = str(error.value)
+  assert message and '\n' not in message, message
+  return message
+
+
+@pytest.mark.parametrize('wrapper', sorted(WRAPPERS))
+def test_wrapped_state_dicts_load_every_tensor(state_dict, wrapper, tmp_path):
+  plain, _ = convert.torchvision_to_flax('resnet18', state_dict)
+  wrapped = WRAPPERS[wrapper](dict(state_dict))
+  variables, report = convert.torchvision_to_flax('resnet18', wrapped)
+  assert len(report.loaded) == 102 and not report.dropped and not report.initialised
+  assert_same_trees(variables, plain)
+  pth = tmp_path / 'wrapped.pth'
+  torch.save(wrapped, pth)
+  from_file, report = convert.torchvision_to_flax('resnet18', str(pth), num_classes=102)
+  assert len(report.loaded) == 100 and sorted(report.dropped) == ['fc.bias', 'fc.weight']
+  np.testing.assert_array_equal(from_file['params']['layer4']['1']['conv2']['kernel'],
+                                plain['params']['layer4']['1']['conv2']['kernel'])
+
+
+def test_keys_that_do_not_line_up_raise_one_line(state_dict):
+  renamed = _prefixed(state_dict, 'backbone.')
+  with pytest.raises(ValueError) as error:
+    convert.torchvision_to_flax('resnet18', renamed, num_classes=102)
+  message = one_line(error)
+  assert '100 of 100 backbone tensors missing' in message
+  assert 'conv1.weight' in message and 'backbone.conv1.weight' in message
+  assert 'allow_partial' in message
+
+  no_layer4 = {k: v for k, v in state_dict.items() if not k.startswith('layer4.')}
+  with pytest.raises(ValueError, match=r'^resnet18: 25 of 100 backbone tensors missing.*layer4'):
+    convert.torchvision_to_flax('resnet18', no_layer4)
+
+
+def test_layers_an_option_adds_are_no_backbone(state_dict):
+  """A full torchvision file into a deformable model: the new layers are initialised; a
+  torchvision tensor missing still raises."""
+  variables, report = convert.torchvision_to_flax('resnet18', state_dict, num_classes=102,
+                                                  deform='every_stage')
+  assert len(report.loaded) == 100
+  assert {p.split('/')[1] for p in report.initialised} == {
+      'fc', 'layer1_deform', 'layer2_deform', 'layer3_deform', 'layer4_deform'}
+  partial = {k: v for k, v in state_dict.items() if k != 'layer2.1.conv2.weight'}
+  with pytest.raises(ValueError, match=r'1 of 100 backbone tensors missing.*layer2\.1\.conv2'):
+    convert.torchvision_to_flax('resnet18', partial, num_classes=102, deform='every_stage')
+
+
+def test_allow_partial_loads_half_and_initialises_the_rest(state_dict):
+  plain, _ = convert.torchvision_to_flax('resnet18', state_dict)
+  keys = [k for k in state_dict if not k.endswith('num_batches_tracked')]
+  half = {k: state_dict[k] for k in keys[:len(keys) // 2]}
+  variables, report = convert.torchvision_to_flax('resnet18', half, num_classes=1000,
+                                                  allow_partial=True)
+  assert sorted(report.loaded) == sorted(half) and not report.dropped
+  assert len(report.initialised) == 51 and 'freshly initialised 51' in report.summary()
+  fresh, loaded = flat(variables), flat(plain)
+  back = convert.flax_to_torchvision('resnet18', variables)
+  for key in keys:
+    if key in half:
+      np.testing.assert_array_equal(back[key], state_dict[key].numpy(), err_msg=key)
+  initialised = [p for p in report.initialised if 'conv' in p]
+  assert initialised and all(not np.array_equal(fresh[p], loaded[p]) for p in initialised)
+
+
+def _write_text(path):
+  path.write_text('not weights\n')
+
+
+def _write_mat(path):
+  scipy_io = pytest.importorskip('scipy.io')
+  scipy_io.savemat(path, {'labels': np.arange(1, 11)[None]})
+
+
+def _write_tensor(path):
+  torch.save(torch.zeros(3), path)
+
+
+NOT_WEIGHTS = {  # name -> (file name, writer); a None writer makes an empty directory
+    'mat_file': ('imagelabels.mat', _write_mat),
+    'text_file': ('notes.txt', _write_text),
+    'a_tensor': ('tensor.pth', _write_tensor),
+    'empty_directory': ('empty', None),
+    'directory_of_files': ('jpg', lambda path: (path.mkdir(), _write_text(path / 'a.jpg'))),
+}
+
+
+def _not_weights(tmp_path, kind):
+  name, writer = NOT_WEIGHTS[kind]
+  path = tmp_path / name
+  if writer is None:
+    path.mkdir()
+  else:
+    writer(path)
+  return path
+
+
+@pytest.mark.parametrize('kind', sorted(NOT_WEIGHTS))
+def test_not_a_weights_file_is_one_line_value_error(tmp_path, kind):
+  path = _not_weights(tmp_path, kind)
+  with pytest.raises(ValueError) as error:
+    convert.torchvision_to_flax('resnet18', str(path))
+  message = one_line(error)
+  assert str(path) in message
+  assert '.pth' in message and 'scripts/convert_torchvision.py' in message
+
+
+def test_missing_path_is_one_line_file_not_found(tmp_path):
+  path = tmp_path / 'resnet18.pth'
+  with pytest.raises(FileNotFoundError) as error:
+    convert.torchvision_to_flax('resnet18', path)
+  message = one_line(error)
+  assert 'does not exist' in message and str(path) in message
+  assert 'scripts/convert_torchvision.py' in message
+
+
+def _script():
+  spec = importlib.util.spec_from_file_location(
+      'convert_torchvision', ROOT / 'scripts' / 'convert_torchvision.py')
+  script = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(script)
+  return script
+
+
+def test_convert_script_stops_with_one_line(tmp_path, state_dict):
+  script = _script()
+  out = tmp_path / 'ckpt'
+  cases = {'is not a torch weights file': _not_weights(tmp_path, 'mat_file'),
+           'does not exist': tmp_path / 'missing.pth'}
+  half = tmp_path / 'half.pth'
+  torch.save({k: v for k, v in state_dict.items() if not k.startswith('layer4.')}, half)
+  cases['backbone tensors missing'] = half
+  for expected, weights in cases.items():
+    with pytest.raises(SystemExit) as error:
+      script.main(['--model', 'resnet18', '--weights', str(weights), '--out', str(out)])
+    message = error.value.code
+    assert isinstance(message, str) and message.startswith('error: ') and '\n' not in message
+    assert expected in message and not out.exists()
+  report = script.main(['--model', 'resnet18', '--weights', str(half), '--out', str(out),
+                        '--allow-partial'])
+  assert len(report.loaded) == 77 and len(report.initialised) == 25
 
 
 # --- special rows, the mechanism models like ViT use -----------------------------------

@@ -54,6 +54,21 @@ def test_splits_and_labels_match_the_mat_files(fake_dir):
   assert batch['image'].shape == (10, 32, 32, 3) and batch['image'].dtype == np.float32
 
 
+def _train_epoch_ids(ds, batch_size, epoch=0):
+  """(example ids, labels) of epoch `epoch`'s train rows, in order: without augmentation a
+  train image is its eval view, so each row is matched to the eval image it equals."""
+  views = next(ds.eval_batches('train', ds.num_examples['train']))
+  flat_views = views['image'].reshape(len(views['id']), -1)
+  ids, labels = [], []
+  for batch in ds.train_batches(batch_size, epoch):
+    for image, label in zip(batch['image'], batch['label']):
+      dist = np.abs(flat_views - image.reshape(1, -1)).max(axis=1)
+      assert dist.min() < 1e-5, 'a train image equals no eval view'
+      ids.append(int(views['id'][dist.argmin()]))
+      labels.append(int(label))
+  return ids, labels
+
+
 def test_train_batch_shapes_and_steps(fake_dir):
   ds = _build(fake_dir)
   assert ds.steps_per_epoch(8) == 2
@@ -67,9 +82,12 @@ def test_train_batch_shapes_and_steps(fake_dir):
   lo = -np.float32(data.IMAGENET_MEAN) / np.float32(data.IMAGENET_STD)
   hi = (1 - np.float32(data.IMAGENET_MEAN)) / np.float32(data.IMAGENET_STD)
   assert (b['image'] >= lo - 1e-5).all() and (b['image'] <= hi + 1e-5).all()
-  # 16 distinct train examples in an epoch of 2 x 8 (drop remainder of 20).
-  labels = np.concatenate([x['label'] for x in batches])
-  assert set(labels) <= set(range(5))
+  # 16 distinct train examples in an epoch of 2 x 8 (drop remainder of 20), with their labels.
+  ids, labels = _train_epoch_ids(_build(fake_dir, train_augment='none'), 8)
+  assert len(ids) == 16 and len(set(ids)) == 16
+  split = ds.splits['train']
+  truth = dict(zip(split.ids.tolist(), split.labels.tolist()))
+  assert set(ids) <= set(truth) and labels == [truth[i] for i in ids]
 
 
 def test_eval_exact_over_hosts_and_devices(eval37_dir):
