@@ -20,6 +20,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.init = ml_collections.ConfigDict()
   c.init.torchvision = ''  # .pth state_dict or converted checkpoint dir; '' = random init
+  c.init.allow_partial = False  # True: load a state_dict that covers only part of the backbone
 
   c.data = ml_collections.ConfigDict()
   c.data.source = 'folder'  # 'tfds' | 'folder' | 'imagefolder'
@@ -38,6 +39,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.batch_size = 32  # global batch, split over hosts and devices
   c.train.eval_batch_size = 64
   c.train.freeze = 'none'  # 'none' | 'backbone' | comma-separated regexes on param paths
+  # BatchNorm during training: 'batch' = batch statistics, running ones updated (torch
+  # `model.train()`, also for frozen layers: the usual `requires_grad=False` recipe);
+  # 'running' = running statistics, never updated (torch `eval()` for BN: a true linear probe);
+  # 'auto' = 'running' when train.freeze='backbone', else 'batch'.
+  c.train.batchnorm = 'auto'
   c.train.loss = 'ce'  # 'ce' | 'tcel' | 'triplet' | 'tcel_hard'
   c.train.label_smoothing = 0.0
   c.train.triplet_margin = 1.0

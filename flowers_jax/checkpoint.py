@@ -5,11 +5,17 @@ Layout, one orbax `CheckpointManager` each, steps named by the global step:
     workdir/checkpoints/latest/<step>/{state, meta}   # every epoch + on stop
     workdir/checkpoints/best/<step>/{state, meta}     # best validation accuracy
 
+`best` is written before `latest` at the end of an epoch, so no kill point
+leaves a `latest` that has seen an epoch whose better state `best` lacks: a run
+killed between the two writes resumes from the previous `latest`, redoes the
+epoch (the same numbers) and finds `best` already holding it. `best`'s meta is
+the one record of the best epoch and its validation accuracy (`best_meta()`).
+
 `state` is any pytree of arrays (the TrainState: step, params, batch_stats,
 opt_state, rng). It is stored in its `flax.serialization.to_state_dict` form
 (nested dicts), with typed PRNG keys (`jax.random.key`) stored as their key
 data, so the files do not depend on the state's Python classes. `meta` is a
-small JSON dict (epoch, step_in_epoch, best_val, ...).
+small JSON dict (epoch, step_in_epoch, val_accuracy, config, ...).
 
 Every save blocks until the files are complete (`wait_until_finished`), so a
 process that saves and then exits on SIGTERM loses nothing.
@@ -24,8 +30,9 @@ unreplicated state (`flax.jax_utils.unreplicate` / `replicate`).
     ckpt = checkpoint.Checkpointer(workdir)
     restored = ckpt.restore_latest(state)          # None on a fresh workdir
     ...
+    ckpt.save_best(step, state, {'epoch': e, 'val_accuracy': v})   # the caller decides
     ckpt.save_latest(step, state, {'epoch': e, 'step_in_epoch': 0})
-    ckpt.save_best(step, state, meta, val_accuracy)  # True if it was a new best
+    ckpt.best_meta()                                 # {'epoch': e, 'val_accuracy': v} | None
 """
 
 from __future__ import annotations
@@ -34,7 +41,6 @@ import json
 import logging
 import os
 import signal
-import threading
 from typing import Any
 
 import jax
@@ -90,9 +96,6 @@ class Checkpointer:
     self._best = ocp.CheckpointManager(
         os.path.join(root, 'best'),
         options=ocp.CheckpointManagerOptions(max_to_keep=1))
-    step = self._best.latest_step()
-    self.best_val = (-float('inf') if step is None else
-                     float(self._restore_meta(self._best, step)['best_val']))
 
   # -- saving ----------------------------------------------------------------
 
@@ -110,19 +113,21 @@ class Checkpointer:
   def save_latest(self, step: int, state: PyTree,
                   meta: dict[str, Any]) -> None:
     """Writes `state` and `meta` as the newest 'latest' checkpoint."""
-    self._save(self._latest, step, state,
-               {'best_val': self.best_val, **dict(meta)})
+    self._save(self._latest, step, state, meta)
 
-  def save_best(self, step: int, state: PyTree, meta: dict[str, Any],
-                val_accuracy: float) -> bool:
-    """Saves if `val_accuracy` beats every earlier one; returns whether."""
-    val_accuracy = float(val_accuracy)
-    if not val_accuracy > self.best_val:
-      return False
-    self.best_val = val_accuracy
-    self._save(self._best, step, state,
-               {**dict(meta), 'best_val': val_accuracy})
-    return True
+  def save_best(self, step: int, state: PyTree, meta: dict[str, Any]) -> None:
+    """Replaces the 'best' checkpoint by `state`; `meta` should hold its epoch and score."""
+    self._save(self._best, step, state, meta)
+
+  def latest_meta(self) -> dict[str, Any] | None:
+    """The meta of the newest 'latest' checkpoint (no state read), or None if there is none."""
+    step = self._latest.latest_step()
+    return None if step is None else dict(self._restore_meta(self._latest, step))
+
+  def best_meta(self) -> dict[str, Any] | None:
+    """The meta saved with the 'best' checkpoint, or None if there is none."""
+    step = self._best.latest_step()
+    return None if step is None else dict(self._restore_meta(self._best, step))
 
   # -- restoring -------------------------------------------------------------
 
@@ -137,9 +142,15 @@ class Checkpointer:
     step = mgr.latest_step()
     if step is None:
       return None
-    out = mgr.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(_to_saveable(target)),
-        meta=ocp.args.JsonRestore()))
+    try:
+      out = mgr.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(_to_saveable(target)),
+          meta=ocp.args.JsonRestore()))
+    except ValueError as e:  # orbax names every mismatched leaf, with its values
+      first = str(e).splitlines()[1:2] or ['']
+      raise ValueError(f'the checkpoint in {mgr.directory}/{step} does not fit this model and '
+                       f'optimizer (first mismatch: {first[0].strip()}); resume with the config '
+                       'it was written with, or use a new --workdir') from None
     return _from_saved(target, out.state), dict(out.meta)
 
   def restore_latest(self, target: PyTree
@@ -160,13 +171,13 @@ class Checkpointer:
 # ----------------------------------------------------------------------------
 # Stop signals.
 
-_STOP = threading.Event()
+_SIGNAL = [0]  # the number of the first stop signal received, 0 for none
 _PREVIOUS: dict[int, Any] = {}
 
 
 def _handler(signum: int, frame: Any) -> None:
   name = signal.Signals(signum).name
-  if _STOP.is_set():
+  if _SIGNAL[0]:
     # Second signal: exit right away, whatever handler was there before (a worker
     # process may have inherited SIG_IGN): KeyboardInterrupt for SIGINT, the previous
     # handler or the default action (exit) for SIGTERM.
@@ -181,20 +192,22 @@ def _handler(signum: int, frame: Any) -> None:
     signal.signal(signum, signal.SIG_DFL)
     signal.raise_signal(signum)
     return
-  logging.warning('%s received: saving a checkpoint and stopping after this '
-                  'step (send it again to exit immediately).', name)
-  _STOP.set()
+  logging.warning('%s received: saving a checkpoint and stopping within a few steps '
+                  '(send it again to exit immediately).', name)
+  _SIGNAL[0] = int(signum)
 
 
 def install_signal_handlers(
     signums: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)) -> None:
-  """Turns the first SIGTERM / SIGINT into `should_stop() == True`.
+  """Records the first SIGTERM / SIGINT for `stop_signal()` instead of dying.
 
-  The train loop checks `should_stop()` after each step, saves 'latest' and
-  exits cleanly. A second signal is handled by the previous handler at once
-  (Ctrl-C twice raises KeyboardInterrupt). Call from the main thread.
+  The train loop sends `stop_signal()` along with every batch; the train step
+  takes the largest over all hosts, so every process stops, saves 'latest' and
+  exits (128 + signal number: 143 for SIGTERM, 130 for SIGINT) at the same
+  step. A second signal is handled by the previous handler at once (Ctrl-C
+  twice raises KeyboardInterrupt). Call from the main thread.
   """
-  _STOP.clear()
+  _SIGNAL[0] = 0
   for s in signums:
     previous = signal.signal(s, _handler)
     _PREVIOUS.setdefault(s, previous)
@@ -207,11 +220,11 @@ def restore_signal_handlers() -> None:
     signal.signal(s, previous if previous is not None else signal.SIG_DFL)
 
 
+def stop_signal() -> int:
+  """The number of the stop signal received since `install_signal_handlers`, 0 for none."""
+  return _SIGNAL[0]
+
+
 def should_stop() -> bool:
   """Whether a stop signal has arrived since `install_signal_handlers`."""
-  return _STOP.is_set()
-
-
-def request_stop() -> None:
-  """Sets the stop flag by hand (tests, time limits)."""
-  _STOP.set()
+  return bool(_SIGNAL[0])

@@ -8,12 +8,15 @@ docstring); any key can be overridden with `--config.a.b=value`. Running again o
 `--workdir` resumes an interrupted run.
 """
 
+import os
 import sys
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')  # tensorflow's C++ INFO lines (oneDNN notice)
 
-from flowers_jax import config_utils
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from flowers_jax import config_utils  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Experiment config: configs/<model>.py:<variant>.',
@@ -52,7 +55,11 @@ def main(argv):
     _fail('both --config configs/<model>.py:<variant> and --workdir DIR are required '
           '(see --help)')
   config = FLAGS.config
-  from flowers_jax import parallel
+  from flowers_jax import config_checks, parallel
+  try:
+    config_checks.validate(config)
+  except ValueError as e:
+    _fail(str(e).splitlines()[0])
   parallel.initialize_distributed(config.distributed.coordinator_address,
                                   config.distributed.num_processes, config.distributed.process_id)
   from flowers_jax import checkpoint, train

@@ -64,10 +64,22 @@ def _check_rows(x, n: int):
 
 
 def _first_replica(x):
-  """The value of a replicated array as host numpy (works across hosts)."""
-  if isinstance(x, jax.Array) and not x.is_fully_addressable:
-    return np.asarray(x.addressable_data(0))
+  """The value of a replicated array as host numpy (works across hosts).
+
+  Reads the first local shard's buffer directly: indexing (`x[0]`) would launch a device
+  program that queues behind the step in flight and so waits for it (measured 400 ms, the
+  rest of a step, against 0.3 ms for the buffer).
+  """
+  if isinstance(x, jax.Array):
+    return np.asarray(x.addressable_shards[0].data)
   return np.asarray(x)
+
+
+def _first_slice(x):
+  """Leading-axis slice 0 of a pmap output `[n_local, ...]` as host numpy, without a program."""
+  if isinstance(x, jax.Array):
+    return np.asarray(x.addressable_shards[0].data)[0]
+  return np.asarray(x)[0]
 
 
 @dataclasses.dataclass
@@ -95,8 +107,8 @@ class Pmap:
                           self._stacked)
 
   def get_state(self, state: PyTree) -> PyTree:
-    """Replicated state -> one host copy (numpy leaves)."""
-    return jax.tree.map(lambda x: np.asarray(x[0]), state)
+    """Replicated state (or reduced metrics) -> one host copy (numpy leaves)."""
+    return jax.tree.map(_first_slice, state)
 
   def put_batch(self, batch: dict) -> dict:
     """Host batch `[b, ...]` -> `[n_local, b / n_local, ...]`, one slice per local device."""
@@ -178,6 +190,12 @@ def reduce_sum(x: jnp.ndarray, axis_name: str | None) -> jnp.ndarray:
   """`x.sum()` over the (global) batch: adds `psum` over devices under pmap."""
   s = jnp.sum(x)
   return jax.lax.psum(s, axis_name) if axis_name else s
+
+
+def reduce_max(x: jnp.ndarray, axis_name: str | None) -> jnp.ndarray:
+  """`x.max()` over the (global) batch: adds `pmax` over devices under pmap."""
+  m = jnp.max(x)
+  return jax.lax.pmax(m, axis_name) if axis_name else m
 
 
 def reduce_mean(tree: PyTree, axis_name: str | None) -> PyTree:

@@ -20,7 +20,7 @@ import ml_collections
 import optax
 
 from flowers_jax import losses
-from flowers_jax.parallel import reduce_mean, reduce_sum
+from flowers_jax.parallel import reduce_max, reduce_mean, reduce_sum
 
 PyTree = Any
 
@@ -46,12 +46,24 @@ class TrainState:
     return {'params': self.params, 'batch_stats': self.batch_stats}
 
 
-def _step_rng(state: TrainState, axis_name: str | None) -> jax.Array:
-  """A fresh key per step (and per device under pmap), a pure function of (seed, step)."""
-  key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-  if axis_name:
-    key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
-  return key
+def _step_rng(state: TrainState) -> jax.Array:
+  """A fresh key per step, a pure function of (seed, step), the same on every device.
+
+  Models draw their dropout / stochastic-depth masks for the global batch from it and keep
+  their own rows (`models/layers/dropout.py`), so the numbers do not depend on the device count.
+  """
+  return jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+
+
+def _global_norm(tree: PyTree) -> jnp.ndarray:
+  """sqrt of the sum of squares of every leaf, in float32 (inf when it overflows)."""
+  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
+
+
+def all_finite(tree: PyTree) -> jnp.ndarray:
+  """Scalar bool: every element of every leaf of `tree` is finite."""
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
 def _forward(model: nn.Module, variables: dict, images: jnp.ndarray, *, train: bool,
@@ -72,10 +84,18 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
                     bn_train: bool = True):
   """Returns `train_step(state, batch) -> (state, metrics)`.
 
-  batch: `image [B, H, W, 3]`, `label [B]`, `mask [B]`; losses that need triplets
-  (`losses.NEEDS[train_cfg.loss]`) also read `positive`/`negative [B, H, W, 3]`, which go
-  through the model in the same forward pass as the anchors.
-  bn_train: False for a frozen backbone (BatchNorm uses and keeps its running statistics).
+  batch: `image [B, H, W, 3]`, `label [B]`, `mask [B]`, optionally `stop [B]` (the host's
+  stop-signal number, 0 for none); losses that need triplets (`losses.NEEDS[train_cfg.loss]`)
+  also read `positive`/`negative [B, H, W, 3]`, which go through the model in the same
+  forward pass as the anchors.
+  bn_train: BatchNorm on batch statistics, updating the running ones (torch `train()`), or on
+    the running statistics, kept as they are (torch `eval()`); see `train.batchnorm_mode`.
+
+  metrics: `loss`, `correct`, `count` and the loss's parts, plus two that every process reads
+  to take the same decision at the same step: `finite` (1 if the new params, BatchNorm
+  statistics and loss are all finite and the update's global norm does not overflow float32,
+  i.e. is below ~1.8e19: no sane step moves that far) and `stop` (the largest stop-signal number of any
+  host's rows: a signal to one host stops them all at the same step).
   """
   loss_name = train_cfg.loss
   extra_inputs = tuple(losses.NEEDS[loss_name])
@@ -94,7 +114,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
     return loss, (aux, new_stats, parts_logits[0])
 
   def train_step(state: TrainState, batch: dict):
-    rng = _step_rng(state, axis_name)
+    rng = _step_rng(state)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     (loss, (aux, new_stats, logits)), grads = grad_fn(state.params, state, batch, rng)
     grads = reduce_mean(grads, axis_name)
@@ -109,7 +129,12 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
         'correct': reduce_sum(mask * (jnp.argmax(logits, -1) == batch['label']), axis_name),
         'count': reduce_sum(mask, axis_name),
         **{k: reduce_mean(v, axis_name) for k, v in aux.items()},
+        'finite': (all_finite((params, batch_stats, loss)) &
+                   jnp.isfinite(_global_norm(updates))).astype(jnp.float32),
+        'stop': reduce_max(batch['stop'], axis_name) if 'stop' in batch else jnp.zeros(()),
     }
+    if axis_name:  # params are identical on every device; the loss is per device
+      metrics['finite'] = jax.lax.pmin(metrics['finite'], axis_name)
     return new_state, metrics
 
   return train_step

@@ -1,28 +1,36 @@
 """The training loop: data -> model -> optimizer -> epochs of train + validation -> test at best.
 
-`train_and_evaluate(config, workdir)` is all that `main.py` calls. It writes into `workdir`:
+`train_and_evaluate(config, workdir)` is all that `main.py` calls. It reads top-down as four
+steps: `_build` (data, model, optimizer, compiled steps), `_resume` (the loop's state from the
+`latest` checkpoint), per epoch `_train_epoch` then `_validate_and_save`, and `_finish` (test at
+the best checkpoint, results.json). It writes into `workdir`:
 
   config.json     the resolved config
-  metrics.jsonl   one JSON object per epoch (epoch, train_loss, train_accuracy, val_loss,
-                  val_accuracy, val_top5, lr, images_per_s, ...)
-  checkpoints/    orbax: `latest` (every epoch and on SIGTERM/Ctrl-C) and `best` (by val accuracy)
+  metrics.jsonl   one strict-JSON object per epoch: epoch, train_loss, train_accuracy,
+                  val_accuracy, val_loss, val_top5, lr (the rate of the epoch's last step),
+                  epoch_time_s (train + validation), images_per_s (training only, without the
+                  compile step's time and images)
+  checkpoints/    orbax: `best` (by val accuracy, its meta the one record of the best epoch)
+                  written before `latest` (every epoch, and on SIGTERM/Ctrl-C)
   curves.png      train / validation accuracy per epoch
-  results.json    best_epoch, best_val_accuracy, test_accuracy (of the best checkpoint), wall time,
-                  train images/s, compile time (of the first train step, which it includes),
-                  parameter counts
+  results.json    best_epoch, best_val_accuracy, test_accuracy (of the best checkpoint), wall
+                  time, train images/s (compile step excluded), compile time, parameter counts
   tensorboard events (clu metric writers)
 
 A run started again on the same workdir resumes from `latest`: the same parameters, optimizer
-state, rng and position in the data, so the result equals an uninterrupted run.
+state, rng and position in the data, so the result equals an uninterrupted run. Every decision
+that processes of a multi-host run must take together (stop, non-finite) is read from the
+train step's globally reduced metrics, so every process takes it at the same step.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import time
-from typing import Any
+from typing import Any, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -30,15 +38,19 @@ import ml_collections
 import numpy as np
 
 from flowers_jax import checkpoint as ckpt_lib
-from flowers_jax import losses, models, optim, parallel, steps
+from flowers_jax import config_checks, losses, models, optim, parallel, steps
 from flowers_jax.steps import TrainState
 
 MODEL_KEYS = ('name', 'num_classes')  # every other key of config.model is a model option
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+# Config keys whose change makes a checkpoint mean something else: resuming with them refused.
+STATE_DEFINING_KEYS = ('model.', 'train.loss')
+# Keys that differ between the processes of one run, or that naming alone changes.
+NOT_COMPARED_KEYS = ('distributed.', 'variant')
 
 
 class NonFiniteLossError(RuntimeError):
-  pass
+  """A non-finite loss, parameter or validation loss: the run stops, nothing is saved."""
 
 
 def log(msg: str) -> None:
@@ -58,13 +70,25 @@ def create_model(config: ml_collections.ConfigDict, bn_axis_name: str | None = N
                        **model_options(config.model))
 
 
+def batchnorm_uses_batch_stats(train_cfg: ml_collections.ConfigDict) -> bool:
+  """`train.batchnorm`: 'batch' -> True, 'running' -> False, 'auto' -> running (False) only
+  for `train.freeze='backbone'` (every BatchNorm layer is then frozen), batch otherwise."""
+  mode = train_cfg.batchnorm
+  if mode == 'auto':
+    mode = 'running' if str(train_cfg.freeze).strip() == 'backbone' else 'batch'
+  if mode not in ('batch', 'running'):
+    raise ValueError(f"train.batchnorm={train_cfg.batchnorm!r}; valid: auto | batch | running")
+  return mode == 'batch'
+
+
 def initial_variables(config: ml_collections.ConfigDict, model, image_size: int) -> dict:
   """Random init, or torchvision weights converted (`init.torchvision`: .pth or converted dir)."""
   if config.init.torchvision:
     from flowers_jax import convert  # torch only needed for .pth files
     variables, report = convert.torchvision_to_flax(
         config.model.name, config.init.torchvision, num_classes=config.model.num_classes,
-        rng=jax.random.key(config.seed), **model_options(config.model))
+        rng=jax.random.key(config.seed), allow_partial=config.init.get('allow_partial', False),
+        **model_options(config.model))
     log(report.summary())
     return variables
   x = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
@@ -98,27 +122,53 @@ class Averager:
 
 
 def evaluate(eval_step, strategy, state, ds, split: str, batch_size: int) -> dict:
-  """Accuracy / loss over every example of `split` exactly once (padding is masked out)."""
+  """Accuracy / loss over every example of `split` exactly once (padding is masked out).
+
+  Batches are placed on the devices ahead of use and every step is dispatched before any
+  result is read, so the host never waits on the device between batches.
+  """
+  batches = parallel.prefetch_to_device(ds.eval_batches(split, batch_size), strategy)
+  outputs = [eval_step(state, batch) for batch in batches]
   totals = None
-  for batch in ds.eval_batches(split, batch_size):
-    m = strategy.get_metrics(eval_step(state, strategy.put_batch(batch)))
+  for out in outputs:
+    m = strategy.get_metrics(out)
     totals = m if totals is None else jax.tree.map(np.add, totals, m)
   n = float(totals['count'])
   return {'accuracy': float(totals['correct']) / n, 'top5': float(totals['correct5']) / n,
           'loss': float(totals['loss_sum']) / n, 'count': int(n)}
 
 
+# ------------------------------------------------------------------------------------------
+# Files in the workdir (process 0 writes them).
+
+
+def _strict_json(obj: Any) -> Any:
+  """`obj` with every non-finite float replaced by None (metrics files stay strict JSON)."""
+  if isinstance(obj, dict):
+    return {k: _strict_json(v) for k, v in obj.items()}
+  if isinstance(obj, (list, tuple)):
+    return [_strict_json(v) for v in obj]
+  if isinstance(obj, (float, np.floating)) and not math.isfinite(float(obj)):
+    return None
+  return obj
+
+
+def _dumps(obj: Any, **kwargs) -> str:
+  return json.dumps(_strict_json(obj), allow_nan=False, **kwargs)
+
+
 def _write_json(path: str, obj: Any) -> None:
   if jax.process_index() == 0:
     with open(path + '.tmp', 'w') as f:
-      json.dump(obj, f, indent=2, sort_keys=True)
+      f.write(_dumps(obj, indent=2, sort_keys=True))
     os.replace(path + '.tmp', path)
 
 
-def _append_jsonl(path: str, obj: dict) -> None:
+def _write_jsonl(path: str, rows: list[dict]) -> None:
   if jax.process_index() == 0:
-    with open(path, 'a') as f:
-      f.write(json.dumps(obj) + '\n')
+    with open(path + '.tmp', 'w') as f:
+      f.writelines(_dumps(row) + '\n' for row in rows)
+    os.replace(path + '.tmp', path)
 
 
 def _read_jsonl(path: str) -> list[dict]:
@@ -128,160 +178,335 @@ def _read_jsonl(path: str) -> list[dict]:
     return [json.loads(line) for line in f if line.strip()]
 
 
+def _flat_config(config_dict: dict, prefix: str = '') -> dict[str, Any]:
+  out = {}
+  for k, v in config_dict.items():
+    if isinstance(v, dict):
+      out.update(_flat_config(v, f'{prefix}{k}.'))
+    else:
+      out[f'{prefix}{k}'] = v
+  return out
+
+
+def _check_config_change(saved: dict | None, config: ml_collections.ConfigDict,
+                         workdir: str) -> None:
+  """On resume: one line naming what changed; ValueError for a change of what the state means."""
+  if not saved:
+    return
+  old = _flat_config(saved)
+  new = _flat_config(json.loads(_dumps(config.to_dict())))
+  changed = sorted(k for k in old.keys() | new.keys()
+                   if old.get(k) != new.get(k) and not k.startswith(NOT_COMPARED_KEYS))
+  if not changed:
+    return
+  what = ', '.join(f'{k} {old.get(k)!r} -> {new.get(k)!r}' for k in changed)
+  refused = [k for k in changed if k.startswith(STATE_DEFINING_KEYS)]
+  if refused:
+    raise ValueError(f'{workdir} holds a checkpoint of another model or loss ({what}); '
+                     'resume with its config or use a new --workdir')
+  log(f'resuming with a config that differs from the checkpoint\'s: {what}')
+
+
+# ------------------------------------------------------------------------------------------
+# The run's parts and the loop's state.
+
+
+@dataclasses.dataclass
+class Run:
+  """What `_build` makes once: data, strategy, compiled steps, schedule, checkpoints."""
+  config: ml_collections.ConfigDict
+  workdir: str
+  ds: Any
+  strategy: Any
+  model: Any
+  tx: Any
+  schedule: Any
+  train_step: Any
+  eval_step: Any
+  checkpoints: ckpt_lib.Checkpointer | None
+  steps_per_epoch: int
+  counts: dict
+
+
+class Best:
+  """The best validation accuracy and its epoch. With checkpoints, `best/`'s meta is the one
+  record (read back on resume); without, the best state is kept in memory."""
+
+  def __init__(self, checkpoints: ckpt_lib.Checkpointer | None):
+    self.checkpoints = checkpoints
+    meta = checkpoints.best_meta() if checkpoints is not None else None
+    self.epoch = int(meta['epoch']) if meta else -1
+    self.val_accuracy = float(meta['val_accuracy']) if meta else -math.inf
+    self.state = None
+
+  def offer(self, epoch: int, val_accuracy: float, step: int, host_state) -> bool:
+    """Records (and saves) `host_state` if `val_accuracy` beats the best; returns whether."""
+    if not val_accuracy > self.val_accuracy:
+      return False
+    self.epoch, self.val_accuracy = epoch, val_accuracy
+    if self.checkpoints is None:
+      self.state = host_state
+    else:
+      self.checkpoints.save_best(step, host_state, {'epoch': epoch,
+                                                    'val_accuracy': val_accuracy})
+    return True
+
+
+@dataclasses.dataclass
+class Loop:
+  """Where the loop is and what it has measured; `meta()` is what `latest` stores."""
+  epoch: int = 0                  # epochs completed
+  step_in_epoch: int = 0          # steps of the current epoch completed
+  host_step: int = 0              # global step
+  train_sums: list = dataclasses.field(default_factory=list)
+  history: list = dataclasses.field(default_factory=list)
+  compile_time: float = 0.0
+  train_time: float = 0.0         # seconds of training steps, the compile step excluded
+  train_images: int = 0           # images of those steps
+  epoch_rate: float | None = None  # the last epoch's training images/s (compile step excluded)
+
+  def meta(self, config: ml_collections.ConfigDict) -> dict:
+    return {'epoch': self.epoch, 'step_in_epoch': self.step_in_epoch,
+            'train_sums': list(self.train_sums), 'config': config.to_dict()}
+
+
 def _check_batch_size(global_batch: int, what: str) -> None:
   n = jax.device_count()
   if global_batch % n:
     raise ValueError(f'{what}={global_batch} must be divisible by the number of devices ({n})')
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Trains `config` in `workdir` (resuming if it holds a checkpoint); returns results.json."""
-  from flowers_jax import data, plots  # tensorflow only from here on (data imports it safely)
-  t_start = time.time()
-  os.makedirs(workdir, exist_ok=True)
-  _write_json(os.path.join(workdir, 'config.json'), config.to_dict())
-  metrics_path = os.path.join(workdir, 'metrics.jsonl')
-
+def _build(config: ml_collections.ConfigDict, workdir: str) -> tuple[Run, TrainState]:
+  """Data, model, initial state, optimizer and the compiled steps."""
+  from flowers_jax import data  # tensorflow only from here on (data imports it safely)
   tc = config.train
   _check_batch_size(tc.batch_size, 'train.batch_size')
   _check_batch_size(tc.eval_batch_size, 'train.eval_batch_size')
+  strategy = parallel.make(config.parallel)
+  model = create_model(config, bn_axis_name=strategy.axis_name)
+  variables = initial_variables(config, model, config.data.image_size)  # a bad file stops early
   ds = data.build(config.data, seed=config.seed)
   if ds.num_classes != config.model.num_classes:
     raise ValueError(f'the data set has {ds.num_classes} classes but model.num_classes='
                      f'{config.model.num_classes}; set --config.model.num_classes={ds.num_classes}')
-  strategy = parallel.make(config.parallel)
-  model = create_model(config, bn_axis_name=strategy.axis_name)
-
   steps_per_epoch = ds.steps_per_epoch(tc.batch_size)
   if tc.max_steps_per_epoch:
     steps_per_epoch = min(steps_per_epoch, tc.max_steps_per_epoch)
   total_steps = steps_per_epoch * tc.epochs
-  variables = initial_variables(config, model, config.data.image_size)
-  head = models.HEAD_PATTERNS[config.model.name]
+  spec = models.spec(config.model.name)
   tx = optim.make_optimizer(config.optim, variables['params'], total_steps=total_steps,
-                            freeze=tc.freeze, head_pattern=head)
-  mask = optim.trainable_mask(variables['params'], tc.freeze, head)
-  counts = optim.describe(variables['params'], mask)
-  log(f'model {config.model.name}: {counts}')
-  state = TrainState.create(variables, tx, config.seed)
-  schedule = optim.make_schedule(config.optim, total_steps)
-
-  checkpoints = ckpt_lib.Checkpointer(workdir) if tc.checkpoint else None
-  start_epoch, start_step, best_val, best_epoch = 0, 0, -1.0, -1
-  start_sums = []
-  if checkpoints is not None:
-    restored = checkpoints.restore_latest(state)
-    if restored is not None:
-      state, meta = restored
-      start_epoch, start_step = meta['epoch'], meta['step_in_epoch']
-      best_val, best_epoch = meta['best_val_accuracy'], meta['best_epoch']
-      start_sums = meta.get('train_sums', [])
-      log(f'resumed from step {int(state.step)} (epoch {start_epoch + 1}, step {start_step})')
-  host_step = int(state.step)
-  # Rows of epochs the checkpoint has not seen (a kill between the two writes) are dropped.
-  history = [m for m in _read_jsonl(metrics_path) if m['epoch'] <= start_epoch]
-  if jax.process_index() == 0:
-    with open(metrics_path, 'w') as f:
-      f.writelines(json.dumps(row) + '\n' for row in history)
-
-  bn_train = tc.freeze == 'none'
-  train_step = strategy.compile(steps.make_train_step(model, tx, tc, axis_name=strategy.axis_name,
-                                                      bn_train=bn_train))
+                            freeze=tc.freeze, head_pattern=spec.head,
+                            no_decay=spec.no_weight_decay)
+  counts = optim.describe(variables['params'],
+                          optim.trainable_mask(variables['params'], tc.freeze, spec.head))
+  bn_batch = batchnorm_uses_batch_stats(tc)
+  log(f'model {config.model.name}: {counts}; BatchNorm on '
+      f'{"batch" if bn_batch else "running"} statistics')
+  train_step = strategy.compile(steps.make_train_step(
+      model, tx, tc, axis_name=strategy.axis_name, bn_train=bn_batch))
   eval_step = strategy.compile(steps.make_eval_step(model, axis_name=strategy.axis_name),
                                donate_state=False)
-  sampler = losses.SAMPLER[tc.loss]
-  state = strategy.put_state(state)
-  ckpt_lib.install_signal_handlers()
+  run = Run(config, workdir, ds, strategy, model, tx, optim.make_schedule(config.optim,
+                                                                          total_steps),
+            train_step, eval_step, ckpt_lib.Checkpointer(workdir) if tc.checkpoint else None,
+            steps_per_epoch, counts)
+  return run, TrainState.create(variables, tx, config.seed)
 
-  def save(epoch, step_in_epoch, val=None, train_sums=()):
-    if checkpoints is None:
-      return
-    meta = {'epoch': epoch, 'step_in_epoch': step_in_epoch, 'best_val_accuracy': best_val,
-            'best_epoch': best_epoch, 'train_sums': list(train_sums)}
-    host_state = strategy.get_state(state)
-    checkpoints.save_latest(host_step, host_state, meta)
-    if val is not None:
-      checkpoints.save_best(host_step, host_state, meta, val)
 
-  writer = _metric_writer(workdir)
-  compile_time, train_time, train_images = 0.0, 0.0, 0
-  for epoch in range(start_epoch, tc.epochs):
-    first = start_step if epoch == start_epoch else 0
-    avg = Averager(*start_sums) if epoch == start_epoch else Averager()
-    pending, last, t_epoch = None, None, time.time()
-    batches = parallel.prefetch_to_device(
-        ds.train_batches(tc.batch_size, epoch, start_step=first, sampler=sampler, pk_k=tc.pk_k),
-        strategy)
-    for step_in_epoch in range(first, steps_per_epoch):
-      batch = next(batches)
-      t0 = time.time()
-      state, metrics = train_step(state, batch)
-      if compile_time == 0.0:  # the first call compiles (not AOT: multi-process pmap can't)
-        jax.block_until_ready(metrics)
-        compile_time = time.time() - t0
-        log(f'compiled and ran the first train step in {compile_time:.1f}s')
-      host_step += 1
-      if pending is not None:  # the previous step's metrics: checking them does not stall
-        last = _checked(strategy.get_metrics(pending), host_step - 1)
-        avg.add(last)
-      pending = metrics
-      train_images += tc.batch_size
-      if (step_in_epoch + 1) % tc.log_every == 0 and last is not None:
-        rate = (step_in_epoch + 1 - first) * tc.batch_size / max(time.time() - t_epoch, 1e-9)
-        left = (tc.epochs - epoch) * steps_per_epoch - step_in_epoch - 1
-        log(f'epoch {epoch + 1}/{tc.epochs} step {step_in_epoch + 1}/{steps_per_epoch} '
-            f'loss {float(last["loss"]):.4f} {rate:.1f} img/s '
-            f'ETA {_hms(left * tc.batch_size / max(rate, 1e-9))}')
-      if ckpt_lib.should_stop():
-        avg.add(_checked(strategy.get_metrics(pending), host_step))
-        save(epoch, step_in_epoch + 1, train_sums=avg.sums())
-        log(f'interrupted: saved a checkpoint at epoch {epoch + 1}, step {step_in_epoch + 1}; '
-            'run the same command again to resume')
-        raise SystemExit(130)
-    if pending is not None:
-      avg.add(_checked(strategy.get_metrics(pending), host_step))
-    train_time += time.time() - t_epoch - (compile_time if epoch == start_epoch else 0.0)
-    val = evaluate(eval_step, strategy, state, ds, 'validation', tc.eval_batch_size)
-    epoch_time = time.time() - t_epoch
-    row = {'epoch': epoch + 1, **avg.result(), 'val_accuracy': val['accuracy'],
-           'val_loss': val['loss'], 'val_top5': val['top5'],
-           'lr': float(schedule(host_step)),
-           'epoch_time_s': epoch_time,
-           'images_per_s': (steps_per_epoch - first) * tc.batch_size / max(epoch_time, 1e-9)}
-    history.append(row)
-    _append_jsonl(metrics_path, row)
-    writer.write_scalars(epoch + 1, {k: v for k, v in row.items() if k != 'epoch'})
-    writer.flush()
-    improved = val['accuracy'] > best_val
-    if improved:
-      best_val, best_epoch = val['accuracy'], epoch + 1
-      best_state = strategy.get_state(state) if checkpoints is None else None
-    save(epoch + 1, 0, val=val['accuracy'])
-    log(f'epoch {epoch + 1}/{tc.epochs}: train_loss {row["train_loss"]:.4f} '
-        f'train_acc {row["train_accuracy"]:.4f} val_loss {val["loss"]:.4f} '
-        f'val_acc {val["accuracy"]:.4f}{"  (best)" if improved else ""}')
+def _resume(run: Run, state: TrainState) -> tuple[Loop, TrainState]:
+  """The loop's state and the train state from `latest`, or a fresh start."""
+  loop = Loop()
+  if run.checkpoints is not None:
+    meta = run.checkpoints.latest_meta()
+    _check_config_change(meta and meta.get('config'), run.config, run.workdir)
+  restored = run.checkpoints.restore_latest(state) if run.checkpoints is not None else None
+  if restored is not None:
+    state, meta = restored
+    loop.epoch, loop.step_in_epoch = meta['epoch'], meta['step_in_epoch']
+    loop.train_sums = meta.get('train_sums', [])
+    log(f'resumed from step {int(state.step)} (epoch {loop.epoch + 1}, '
+        f'step {loop.step_in_epoch})')
+  loop.host_step = int(state.step)
+  # Rows of epochs the checkpoint has not seen (a kill between the two writes) are dropped.
+  metrics_path = os.path.join(run.workdir, 'metrics.jsonl')
+  loop.history = [m for m in _read_jsonl(metrics_path) if m['epoch'] <= loop.epoch]
+  _write_jsonl(metrics_path, loop.history)
+  return loop, state
 
-  if checkpoints is not None:
-    restored = checkpoints.restore_best(strategy.get_state(state))
-    best_state = restored[0] if restored is not None else strategy.get_state(state)
-  test = evaluate(eval_step, strategy, strategy.put_state(best_state), ds, 'test',
-                  tc.eval_batch_size)
+
+def _with_stop_flag(batches: Iterator[dict]) -> Iterator[dict]:
+  """Adds `stop [b]`: this host's stop-signal number when the batch is made (0: none)."""
+  for batch in batches:
+    rows = batch['label'].shape[0]
+    yield {**batch, 'stop': np.full((rows,), ckpt_lib.stop_signal(), np.float32)}
+
+
+def _checked(metrics: dict, step: int) -> dict:
+  """Returns `metrics`, or stops the run if the step made anything non-finite (nothing saved)."""
+  loss = float(metrics['loss'])
+  if not math.isfinite(loss) or float(metrics.get('finite', 1.0)) < 1.0:
+    what = f'loss ({loss})' if not math.isfinite(loss) else 'parameters after the update'
+    raise NonFiniteLossError(
+        f'non-finite {what} at step {step}; the run stopped without saving it and the last '
+        'good checkpoint is kept. Try a lower optim.lr or optim.clip_norm=1.0')
+  return metrics
+
+
+def _save_latest(run: Run, loop: Loop, state) -> None:
+  if run.checkpoints is not None:
+    run.checkpoints.save_latest(loop.host_step, run.strategy.get_state(state),
+                                loop.meta(run.config))
+
+
+def _train_epoch(run: Run, loop: Loop, state) -> tuple[Any, Averager, int]:
+  """Runs the steps left in epoch `loop.epoch`; returns (state, averages, stop signal or 0).
+
+  A step's metrics are read while the next step runs, so checking them costs no overlap. A stop
+  signal travels with the batches (`_with_stop_flag`); the step returns the largest over all
+  hosts, so every process sees it in the same step's metrics and stops after the same step.
+  """
+  tc, strategy = run.config.train, run.strategy
+  epoch, first = loop.epoch, loop.step_in_epoch
+  avg = Averager(*loop.train_sums) if first else Averager()
+  batches = parallel.prefetch_to_device(_with_stop_flag(run.ds.train_batches(
+      tc.batch_size, epoch, start_step=first, sampler=losses.SAMPLER[tc.loss], pk_k=tc.pk_k)),
+      strategy)
+  pending, signum, compiled_here = None, 0, 0.0
+  t_start = time.time()
+  for step_in_epoch in range(first, run.steps_per_epoch):
+    t0 = time.time()
+    state, metrics = run.train_step(state, next(batches))
+    if loop.compile_time == 0.0:  # the first call compiles (not AOT: multi-process pmap can't)
+      jax.block_until_ready(metrics)
+      loop.compile_time = compiled_here = time.time() - t0
+      log(f'compiled and ran the first train step in {loop.compile_time:.1f}s')
+    loop.host_step += 1
+    if pending is not None:  # the previous step's metrics: reading them does not stall
+      last = _checked(strategy.get_metrics(pending), loop.host_step - 1)
+      avg.add(last)
+      signum = int(last['stop'])
+      if (step_in_epoch + 1) % tc.log_every == 0:
+        _log_progress(run, loop, step_in_epoch, first, last, time.time() - t_start)
+    pending = metrics
+    loop.step_in_epoch = step_in_epoch + 1
+    if signum:
+      break
+  if pending is not None:
+    last = _checked(strategy.get_metrics(pending), loop.host_step)
+    avg.add(last)
+    signum = signum or int(last['stop'])
+  steps_run = loop.step_in_epoch - first
+  images = (steps_run - (1 if compiled_here else 0)) * tc.batch_size
+  seconds = time.time() - t_start - compiled_here
+  loop.train_time += seconds
+  loop.train_images += images
+  loop.train_sums = avg.sums()
+  loop.epoch_rate = images / seconds if images > 0 and seconds > 0 else None
+  return state, avg, signum
+
+
+def _log_progress(run: Run, loop: Loop, step_in_epoch: int, first: int, last: dict,
+                  seconds: float) -> None:
+  tc = run.config.train
+  rate = (step_in_epoch + 1 - first) * tc.batch_size / max(seconds, 1e-9)
+  left = (tc.epochs - loop.epoch) * run.steps_per_epoch - step_in_epoch - 1
+  log(f'epoch {loop.epoch + 1}/{tc.epochs} step {step_in_epoch + 1}/{run.steps_per_epoch} '
+      f'loss {float(last["loss"]):.4f} {rate:.1f} img/s '
+      f'ETA {_hms(left * tc.batch_size / max(rate, 1e-9))}')
+
+
+def _validate_and_save(run: Run, loop: Loop, state, avg: Averager, best: Best,
+                       t_epoch: float, writer) -> None:
+  """Validation, the epoch's metrics row, then `best` (if improved) and `latest`, in that order."""
+  tc = run.config.train
+  val = evaluate(run.eval_step, run.strategy, state, run.ds, 'validation', tc.eval_batch_size)
+  if not math.isfinite(val['loss']):
+    raise NonFiniteLossError(
+        f'non-finite validation loss ({val["loss"]}) after epoch {loop.epoch + 1}; the run '
+        'stopped without saving it and the last good checkpoint is kept')
+  epoch = loop.epoch + 1
+  row = {'epoch': epoch, **avg.result(), 'val_accuracy': val['accuracy'],
+         'val_loss': val['loss'], 'val_top5': val['top5'],
+         'lr': float(run.schedule(loop.host_step - 1)),
+         'epoch_time_s': time.time() - t_epoch, 'images_per_s': loop.epoch_rate}
+  host_state = run.strategy.get_state(state)
+  improved = best.offer(epoch, val['accuracy'], loop.host_step, host_state)
+  loop.epoch, loop.step_in_epoch, loop.train_sums = epoch, 0, []
+  if run.checkpoints is not None:
+    run.checkpoints.save_latest(loop.host_step, host_state, loop.meta(run.config))
+  loop.history.append(row)
+  _write_jsonl(os.path.join(run.workdir, 'metrics.jsonl'), loop.history)
+  writer.write_scalars(epoch, {k: v for k, v in _strict_json(row).items()
+                               if k != 'epoch' and v is not None})
+  writer.flush()
+  log(f'epoch {epoch}/{tc.epochs}: train_loss {row["train_loss"]:.4f} '
+      f'train_acc {row["train_accuracy"]:.4f} val_loss {val["loss"]:.4f} '
+      f'val_acc {val["accuracy"]:.4f}{"  (best)" if improved else ""}')
+
+
+def _finish(run: Run, loop: Loop, state, best: Best, t_start: float) -> dict:
+  """Test accuracy of the best state; results.json and curves.png."""
+  from flowers_jax import plots
+  config, strategy = run.config, run.strategy
+  best_state = best.state
+  if run.checkpoints is not None:
+    restored = run.checkpoints.restore_best(strategy.get_state(state))
+    best_state = restored[0] if restored is not None else None
+  if best_state is None:
+    best_state = strategy.get_state(state)
+  test = evaluate(run.eval_step, strategy, strategy.put_state(best_state), run.ds, 'test',
+                  config.train.eval_batch_size)
   results = {
       'model': config.model.name, 'variant': config.get('variant', ''),
-      'best_epoch': best_epoch, 'best_val_accuracy': best_val,
+      'best_epoch': best.epoch, 'best_val_accuracy': best.val_accuracy,
       'test_accuracy': test['accuracy'], 'test_top5': test['top5'], 'test_loss': test['loss'],
-      'test_examples': test['count'], 'epochs': tc.epochs,
-      'wall_time_s': time.time() - t_start, 'compile_time_s': compile_time,
-      'train_images_per_s': train_images / max(train_time, 1e-9) if train_images else None,
-      'devices': jax.device_count(), 'parallel': config.parallel, **counts,
+      'test_examples': test['count'], 'epochs': config.train.epochs,
+      'wall_time_s': time.time() - t_start, 'compile_time_s': loop.compile_time,
+      'train_images_per_s': (loop.train_images / loop.train_time
+                             if loop.train_images > 0 and loop.train_time > 0 else None),
+      'devices': jax.device_count(), 'parallel': config.parallel, **run.counts,
   }
-  _write_json(os.path.join(workdir, 'results.json'), results)
+  _write_json(os.path.join(run.workdir, 'results.json'), results)
   if jax.process_index() == 0:
-    plots.plot_curves(history, os.path.join(workdir, 'curves.png'),
+    plots.plot_curves(loop.history, os.path.join(run.workdir, 'curves.png'),
                       title=f'{config.model.name} {config.get("variant", "")}')
-  log(f'test accuracy (best epoch {best_epoch}): {test["accuracy"]:.4f}; '
-      f'results in {os.path.join(workdir, "results.json")}')
+  log(f'test accuracy (best epoch {best.epoch}): {test["accuracy"]:.4f}; '
+      f'results in {os.path.join(run.workdir, "results.json")}')
   return results
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains `config` in `workdir` (resuming if it holds a checkpoint); returns results.json.
+
+  Exits with `SystemExit(128 + signal)` (143 SIGTERM, 130 Ctrl-C) after saving `latest` when
+  any process of the run received a stop signal.
+  """
+  t_start = time.time()
+  config_checks.validate(config)
+  os.makedirs(workdir, exist_ok=True)
+  run, state = _build(config, workdir)
+  loop, state = _resume(run, state)
+  _write_json(os.path.join(workdir, 'config.json'), config.to_dict())
+  best = Best(run.checkpoints)
+  state = run.strategy.put_state(state)
+  ckpt_lib.install_signal_handlers()
+  writer = _metric_writer(workdir)
+  while loop.epoch < config.train.epochs:
+    t_epoch = time.time()
+    state, avg, signum = _train_epoch(run, loop, state)
+    if loop.step_in_epoch < run.steps_per_epoch:  # stopped mid-epoch
+      _save_latest(run, loop, state)
+      _exit_on_signal(loop, signum)
+    _validate_and_save(run, loop, state, avg, best, t_epoch, writer)
+    if signum:
+      _exit_on_signal(loop, signum)
+  return _finish(run, loop, state, best, t_start)
+
+
+def _exit_on_signal(loop: Loop, signum: int) -> None:
+  log(f'interrupted: saved a checkpoint at epoch {loop.epoch + 1}, step {loop.step_in_epoch}; '
+      'run the same command again to resume')
+  raise SystemExit(128 + signum)
 
 
 def _metric_writer(workdir: str):
@@ -289,16 +514,6 @@ def _metric_writer(workdir: str):
   from clu import metric_writers  # imports tensorflow: only after flowers_jax.data
   return metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0,
                                               asynchronous=False)
-
-
-def _checked(metrics: dict, step: int) -> dict:
-  """Returns `metrics`, or stops the run if its loss is not finite (nothing is saved)."""
-  loss = float(metrics['loss'])
-  if not math.isfinite(loss):
-    raise NonFiniteLossError(
-        f'non-finite loss ({loss}) at step {step}; the run stopped without saving it and the last '
-        'good checkpoint is kept. Try a lower optim.lr or optim.clip_norm=1.0')
-  return metrics
 
 
 def _hms(seconds: float) -> str:

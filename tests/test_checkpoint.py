@@ -62,7 +62,7 @@ def test_restore_on_empty_dir_returns_none(tmp_path):
   ckpt = checkpoint.Checkpointer(tmp_path)
   assert ckpt.restore_latest(_state()) is None
   assert ckpt.restore_best(_state()) is None
-  assert ckpt.best_val == -np.inf
+  assert ckpt.best_meta() is None
 
 
 def test_latest_round_trip_is_bit_identical(tmp_path):
@@ -73,7 +73,7 @@ def test_latest_round_trip_is_bit_identical(tmp_path):
   got, meta = checkpoint.Checkpointer(tmp_path).restore_latest(_state(seed=7))
   _assert_identical(got, saved)
   assert isinstance(got, State)
-  assert meta == {'epoch': 2, 'step_in_epoch': 1, 'best_val': -np.inf}
+  assert meta == {'epoch': 2, 'step_in_epoch': 1}  # nothing about 'best': one source of truth
   # The restored rng continues the same stream.
   np.testing.assert_array_equal(
       jax.random.uniform(got.rng, (3,)), jax.random.uniform(saved.rng, (3,)))
@@ -89,22 +89,16 @@ def test_latest_keeps_newest_and_overwrites_same_step(tmp_path):
   assert int(got.step) == 3 and meta['stopped'] is True
 
 
-def test_best_tracks_max_val_accuracy(tmp_path):
+def test_best_replaced_and_its_meta_is_the_record(tmp_path):
   ckpt = checkpoint.Checkpointer(tmp_path)
-  saved = {}
-  for step, acc in [(1, 0.5), (2, 0.7), (3, 0.6), (4, 0.7)]:
-    state = _state(seed=step, steps=step)
-    if ckpt.save_best(step, state, {'epoch': step}, acc):
-      saved[step] = state
-  assert sorted(saved) == [1, 2]          # 0.6 and a tie at 0.7 do not win
-  assert ckpt.best_val == 0.7
+  for step, acc in [(1, 0.5), (2, 0.7)]:
+    ckpt.save_best(step, _state(seed=step, steps=step), {'epoch': step, 'val_accuracy': acc})
   assert os.listdir(tmp_path / 'checkpoints' / 'best') == ['2']
   reopened = checkpoint.Checkpointer(tmp_path)
-  assert reopened.best_val == 0.7
-  assert not reopened.save_best(5, _state(), {}, 0.69)
+  assert reopened.best_meta() == {'epoch': 2, 'val_accuracy': 0.7}
   got, meta = reopened.restore_best(_state())
-  _assert_identical(got, saved[2])
-  assert meta == {'epoch': 2, 'best_val': 0.7}
+  _assert_identical(got, _state(seed=2, steps=2))
+  assert meta == {'epoch': 2, 'val_accuracy': 0.7}
   assert reopened.restore_latest(_state()) is None
 
 
@@ -151,9 +145,9 @@ def test_signal_sets_stop_flag_then_second_sigint_interrupts():
   original = signal.getsignal(signal.SIGINT)
   checkpoint.install_signal_handlers()
   try:
-    assert not checkpoint.should_stop()
+    assert not checkpoint.should_stop() and checkpoint.stop_signal() == 0
     signal.raise_signal(signal.SIGTERM)
-    assert checkpoint.should_stop()
+    assert checkpoint.should_stop() and checkpoint.stop_signal() == signal.SIGTERM
     with pytest.raises(KeyboardInterrupt):
       signal.raise_signal(signal.SIGINT)
     # The second signal put the original handlers back.

@@ -2,6 +2,9 @@
 
 A ResNet18 with BatchNorm: gradients summed instead of averaged, or BatchNorm statistics taken
 per device instead of over the global batch, both change the params after a few steps.
+EfficientNet-B0 with dropout and stochastic depth: masks drawn per device (not for the global
+batch) change the params with the device count. Every comparison runs in float64: float32 runs
+of the three modes add up in different orders and drift apart chaotically after a few steps.
 """
 
 import json
@@ -15,6 +18,7 @@ import numpy as np
 import pytest
 
 import parallel_worker as worker
+from flowers_jax import parallel
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -32,8 +36,14 @@ def _assert_close(a: dict, b: dict, rtol=1e-5, atol=1e-10):
   return max(float(np.max(np.abs(a[k] - b[k]))) for k in a)
 
 
-def test_four_fake_devices():
-  assert jax.device_count() == 4, 'tests/conftest.py sets 4 fake CPU devices'
+def test_pmap_metrics_are_read_from_the_first_shard_without_a_device_program():
+  """get_metrics reads the first local shard's buffer (`x[0]` would queue a slicing program
+  behind the step in flight); the value is the replicated one."""
+  strategy = parallel.make('pmap')
+  out = strategy.compile(lambda s, b: (s, {'n': jax.lax.psum(b['x'].sum(), 'batch')}))(
+      strategy.put_state({'w': np.zeros(2)}), strategy.put_batch({'x': np.arange(8.0)}))[1]
+  assert out['n'].shape == (jax.local_device_count(),) and jax.local_device_count() == 4
+  assert strategy.get_metrics(out) == {'n': 28.0}
 
 
 @pytest.mark.parametrize('mode', ['pmap', 'sharded'])
@@ -41,6 +51,53 @@ def test_parallel_modes_match_single_device(single, mode):
   got = worker.flatten(dict(zip(('params', 'batch_stats'), worker.train(mode, 3))))
   worst = _assert_close(single, got)
   print(f'{mode}: max abs diff vs single device after 3 steps: {worst:.2e}')
+
+
+RANDOM_MODELS = [  # (model, marks): the toy has EfficientNet-B0's random layers and compiles
+    # in a second; EfficientNet-B0 itself takes minutes per mode in float64 on 2 CPU cores.
+    pytest.param('toy', id='toy'),
+    pytest.param('efficientnet_b0', id='efficientnet_b0', marks=pytest.mark.slow),
+]
+_SINGLE = {}
+
+
+def _random_single(model: str) -> dict:
+  if model not in _SINGLE:
+    _SINGLE[model] = worker.flatten(dict(zip(('params', 'batch_stats'),
+                                             worker.train('single', 3, model=model))))
+  return _SINGLE[model]
+
+
+@pytest.mark.parametrize('model', RANDOM_MODELS)
+@pytest.mark.parametrize('mode,n_devices', [('pmap', 4), ('pmap', 2), ('sharded', 4)])
+def test_dropout_and_stochastic_depth_match_on_any_device_count(model, mode, n_devices):
+  got = worker.flatten(dict(zip(('params', 'batch_stats'), worker.train(
+      mode, 3, devices=jax.devices()[:n_devices], model=model))))
+  worst = _assert_close(_random_single(model), got, atol=1e-8)
+  print(f'{model} {mode} x {n_devices}: max abs diff vs 1 device after 3 steps: {worst:.2e}')
+
+
+@pytest.mark.parametrize('model', RANDOM_MODELS)
+def test_dropout_masks_matter(model):
+  """The comparison above can fail: the same run without dropout / stochastic depth differs."""
+  options, image = worker.MODELS[model]
+  worker.MODELS['_plain'] = ({k: 0.0 for k in options}, image)
+  try:
+    plain = worker.flatten(dict(zip(('params', 'batch_stats'),
+                                    worker.train('single', 3, model=model, options='_plain'))))
+  finally:
+    del worker.MODELS['_plain']
+  single = _random_single(model)
+  assert max(np.abs(plain[k] - single[k]).max() for k in single if 'params' in k) > 1e-3
+
+
+@pytest.mark.parametrize('model', RANDOM_MODELS)
+def test_resume_under_pmap_with_dropout_is_identical(model, tmp_path):
+  """pmap, checkpointed after step 2 and restored into a fresh state: step 3 continues the
+  same stream of dropout masks (the rng and step come back with the state)."""
+  got = worker.flatten(dict(zip(('params', 'batch_stats'), worker.train(
+      'pmap', 3, model=model, checkpoint_at=2, workdir=str(tmp_path)))))
+  _assert_close(_random_single(model), got, atol=1e-8)
 
 
 def test_single_device_result_moves(single):
@@ -79,8 +136,9 @@ def test_two_processes_match_one_device(tmp_path):
     print(f'{mode}: 2 hosts x 2 devices vs 1 device max abs diff {worst:.2e}')
 
 
-def _cli(workdir, data_dir, port=None, process_id=0, local_devices=4):
-  """The CLI on the fake set; with `port`, as one of 2 processes (gloo on 127.0.0.1)."""
+def _cli(workdir, data_dir, port=None, process_id=0, local_devices=4, extra=(), log=None):
+  """The CLI on the fake set; with `port`, as one of 2 processes (gloo on 127.0.0.1).
+  `extra`: more flags; `log`: a file for its output (else a pipe)."""
   args = [sys.executable, '-m', 'flowers_jax.main', '--config', 'configs/demo.py',
           '--workdir', str(workdir), f'--config.data.dir={data_dir}',
           '--config.model.num_classes=4', '--config.data.image_size=16',
@@ -92,9 +150,11 @@ def _cli(workdir, data_dir, port=None, process_id=0, local_devices=4):
   if port is not None:
     args += [f'--config.distributed.coordinator_address=127.0.0.1:{port}',
              '--config.distributed.num_processes=2', f'--config.distributed.process_id={process_id}']
+  args += list(extra)
   env = {**{k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'},
          'XLA_FLAGS': f'--xla_force_host_platform_device_count={local_devices}'}
-  return subprocess.Popen(args, cwd=os.path.dirname(HERE), env=env, stdout=subprocess.PIPE,
+  out = open(log, 'w') if log else subprocess.PIPE
+  return subprocess.Popen(args, cwd=os.path.dirname(HERE), env=env, stdout=out,
                           stderr=subprocess.STDOUT, text=True)
 
 

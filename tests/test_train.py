@@ -22,9 +22,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_CLASSES, IMAGE_SIZE, BATCH = 4, 16, 8
 TIMING_KEYS = {'epoch_time_s', 'images_per_s', 'wall_time_s', 'compile_time_s',
                'train_images_per_s'}
-# Scripted validation accuracy by global step (2 steps per epoch): epoch 1 is the best one, so
+STEPS_PER_EPOCH = 3  # 24 train images / 8
+# Scripted validation accuracy by global step (3 steps per epoch): epoch 1 is the best one, so
 # "test at the best checkpoint" is a different state from the final one.
-VAL_ACCURACY_AT_STEP = {2: 0.75, 4: 0.25}
+VAL_ACCURACY_AT_STEP = {3: 0.75, 6: 0.25}
 REAL_EVALUATE = train.evaluate
 
 
@@ -38,7 +39,7 @@ def make_config(data_dir, **overrides):
   c.train.epochs = 2
   c.train.batch_size = BATCH
   c.train.eval_batch_size = BATCH  # 12 validation images: the last batch is padded
-  c.train.max_steps_per_epoch = 2
+  c.train.max_steps_per_epoch = STEPS_PER_EPOCH
   c.train.log_every = 1
   c.optim.lr = 1e-3
   c.optim.warmup_steps = 0
@@ -167,13 +168,15 @@ def _scripted_evaluate(tested_states: list):
   return evaluate
 
 
-def _sigterm_after(n_steps: int):
-  """checkpoint.should_stop that sends this process a real SIGTERM after step `n_steps`."""
-  real, calls = checkpoint.should_stop, []
+def _sigterm_at_batch(n: int):
+  """checkpoint.stop_signal that sends this process a real SIGTERM while the loop makes its
+  `n`-th train batch (1-based); the flag rides with that batch and stops the run one step
+  after that batch's step."""
+  real, calls = checkpoint.stop_signal, []
 
-  def should_stop():
+  def stop_signal():
     calls.append(1)
-    if len(calls) == n_steps:
+    if len(calls) == n:
       handler = signal.getsignal(signal.SIGTERM)
       assert handler not in (signal.SIG_DFL, signal.SIG_IGN, None), 'no SIGTERM handler'
       os.kill(os.getpid(), signal.SIGTERM)
@@ -183,12 +186,13 @@ def _sigterm_after(n_steps: int):
         time.sleep(0.01)
     return real()
 
-  return should_stop
+  return stop_signal
 
 
 @pytest.fixture(scope='module')
 def runs(data_dir, tmp_path_factory):
-  """2 epochs x 2 steps: uninterrupted, and stopped by SIGTERM after global step 3 then resumed."""
+  """2 epochs x 3 steps: uninterrupted, and stopped by SIGTERM then resumed. The signal arrives
+  as epoch 2's first batch is made (global step 4); the run stops after step 5, mid-epoch."""
   config = make_config(data_dir)
   full, resumed = (str(tmp_path_factory.mktemp(n)) for n in ('full', 'resumed'))
   out = {'config': config, 'full': full, 'resumed': resumed, 'tested': {}}
@@ -198,7 +202,7 @@ def runs(data_dir, tmp_path_factory):
       mp.setattr(train, 'evaluate', _scripted_evaluate(out['tested'][name]))
       if name == 'resumed':
         with mp.context() as stop:
-          stop.setattr(checkpoint, 'should_stop', _sigterm_after(3))
+          stop.setattr(checkpoint, 'stop_signal', _sigterm_at_batch(STEPS_PER_EPOCH + 1))
           with pytest.raises(SystemExit) as exit_info:
             train.train_and_evaluate(config, resumed)
         out['exit_code'] = exit_info.value.code
@@ -209,11 +213,11 @@ def runs(data_dir, tmp_path_factory):
   return out
 
 
-def test_sigterm_saves_mid_epoch_and_exits_130(runs):
-  assert runs['exit_code'] == 130
+def test_sigterm_saves_mid_epoch_and_exits_143(runs):
+  assert runs['exit_code'] == 128 + signal.SIGTERM == 143
   state, meta = runs['stopped']
-  assert int(state.step) == 3
-  assert (meta['epoch'], meta['step_in_epoch']) == (1, 1)  # epoch 2 (0-based 1), after 1 step
+  assert int(state.step) == STEPS_PER_EPOCH + 2
+  assert (meta['epoch'], meta['step_in_epoch']) == (1, 2)  # epoch 2 (0-based 1), after 2 steps
   assert [r['epoch'] for r in runs['rows_at_stop']] == [1]
 
 
@@ -223,7 +227,7 @@ def test_resumed_run_is_bit_identical_to_uninterrupted(runs):
                              for n in ('full', 'resumed'))
   full, resumed = _flat(full), _flat(resumed)
   assert full.keys() == resumed.keys()
-  assert int(full['.step']) == 4
+  assert int(full['.step']) == 2 * STEPS_PER_EPOCH
   for k in full:  # params, batch_stats, opt_state, step, rng
     np.testing.assert_array_equal(resumed[k], full[k], err_msg=k)
   init = _flat(target)
@@ -246,7 +250,7 @@ def test_workdir_outputs(runs):
   for r in rows:
     for k in ('train_accuracy', 'val_accuracy', 'train_loss'):
       assert np.isfinite(r[k]), (k, r)
-    assert 0 <= r['train_accuracy'] <= 1
+    assert (r['train_accuracy'] * STEPS_PER_EPOCH * BATCH).is_integer(), r  # correct rows / 24
 
   with open(os.path.join(workdir, 'results.json')) as f:
     results = json.load(f)
@@ -255,20 +259,25 @@ def test_workdir_outputs(runs):
             'train_images_per_s', 'compile_time_s'):
     assert results[k] is not None, k
   assert results['best_epoch'] == 1 + int(np.argmax([r['val_accuracy'] for r in rows])) == 1
-  assert results['best_val_accuracy'] == VAL_ACCURACY_AT_STEP[2]
-  assert results['test_examples'] == 12 and 0 <= results['test_accuracy'] <= 1
+  assert results['best_val_accuracy'] == VAL_ACCURACY_AT_STEP[STEPS_PER_EPOCH]
+  assert results['test_examples'] == 12
+  tested = runs['tested']['full'][-1]  # the (best) state the run evaluated on the test split
+  batch = next(data.build(runs['config'].data, seed=0).eval_batches('test', 12))
+  logits = train.create_model(runs['config']).apply(tested.variables, batch['image'], train=False)
+  correct = np.argmax(np.asarray(logits), -1) == batch['label']
+  assert results['test_accuracy'] == pytest.approx(correct.mean(), abs=1e-9)
   assert results['wall_time_s'] > results['compile_time_s'] > 0
   assert results['train_images_per_s'] > 0
 
   with open(os.path.join(workdir, 'curves.png'), 'rb') as f:
     assert f.read(8) == b'\x89PNG\r\n\x1a\n'
 
-  # The test split was evaluated once, on the best (epoch 1, step 2) state, not the final one.
+  # The test split was evaluated once, on the best (epoch 1, step 3) state, not the final one.
   [tested] = runs['tested']['full']
   target = _setup(runs['config'])[2]
   best, _ = checkpoint.Checkpointer(workdir).restore_best(target)
   latest, _ = checkpoint.Checkpointer(workdir).restore_latest(target)
-  assert int(tested.step) == int(best.step) == 2 and int(latest.step) == 4
+  assert int(tested.step) == int(best.step) == 3 and int(latest.step) == 6
   for k, v in _flat(best.variables).items():
     np.testing.assert_array_equal(_flat(tested.variables)[k], v, err_msg=k)
 
@@ -277,18 +286,118 @@ def test_workdir_outputs(runs):
 # 4. Non-finite loss
 
 
-def test_non_finite_loss_stops_without_saving(runs, tmp_path):
-  """Resume the finished 2-epoch run for a 3rd epoch at lr=1e30: step 5 blows the params up,
-  step 6's loss is NaN; the run stops naming step 6 and keeps the step-4 checkpoint as latest."""
+def test_non_finite_params_stop_without_saving(runs, tmp_path, capsys):
+  """Resume the finished 2-epoch run for a 3rd epoch at lr=1e30: step 7's update overflows
+  (its loss, computed before the update, is finite); the run stops naming step 7 and
+  keeps the step-6 checkpoint as latest. The changed config is named in one line."""
   workdir = str(tmp_path / 'nan')
   shutil.copytree(runs['full'], workdir)
   config = make_config(runs['config'].data.dir, **{'train.epochs': 3, 'optim.lr': 1e30})
-  with pytest.raises(train.NonFiniteLossError, match=r'loss \((nan|inf|-inf)\) at step 6\b'):
+  with pytest.raises(train.NonFiniteLossError, match=r'non-finite parameters .* at step 7\b'):
     train.train_and_evaluate(config, workdir)
+  assert "optim.lr 0.001 -> 1e+30, train.epochs 2 -> 3" in capsys.readouterr().out
   ckpts = os.path.join(workdir, 'checkpoints')
-  assert sorted(os.listdir(os.path.join(ckpts, 'latest')), key=int) == ['2', '4']
-  assert os.listdir(os.path.join(ckpts, 'best')) == ['2']
+  assert sorted(os.listdir(os.path.join(ckpts, 'latest')), key=int) == ['3', '6']
+  assert os.listdir(os.path.join(ckpts, 'best')) == ['3']
   assert [r['epoch'] for r in _read_jsonl(os.path.join(workdir, 'metrics.jsonl'))] == [1, 2]
+
+
+def test_one_step_at_huge_lr_saves_nothing(data_dir, tmp_path):
+  """lr=1e30, one step: the loss is finite, the update is not; nothing is written."""
+  config = make_config(data_dir, **{'train.epochs': 1, 'train.max_steps_per_epoch': 1,
+                                    'optim.lr': 1e30})
+  workdir = tmp_path / 'huge_lr'
+  with pytest.raises(train.NonFiniteLossError, match=r'at step 1\b'):
+    train.train_and_evaluate(config, str(workdir))
+  for kind in ('latest', 'best'):
+    assert not os.listdir(workdir / 'checkpoints' / kind), kind
+  assert (workdir / 'metrics.jsonl').read_text() == ''
+  assert not (workdir / 'results.json').exists()
+
+
+def test_metrics_files_are_strict_json():
+  row = {'a': float('nan'), 'b': [1.0, float('inf')], 'c': np.float32('-inf'), 'd': 0.5}
+  assert json.loads(train._dumps(row)) == {'a': None, 'b': [1.0, None], 'c': None, 'd': 0.5}
+
+
+def test_resume_refuses_another_model_and_names_it(runs, tmp_path):
+  workdir = str(tmp_path / 'other_model')
+  shutil.copytree(runs['full'], workdir)
+  config = make_config(runs['config'].data.dir, **{'model.deform': 'after_conv1'})
+  with pytest.raises(ValueError, match=r"model.deform 'none' -> 'after_conv1'.*new --workdir"):
+    train.train_and_evaluate(config, workdir)
+
+
+@pytest.mark.parametrize('kill_at_save', [2, 4])
+def test_kill_between_best_and_latest_writes_keeps_one_truth(data_dir, tmp_path, kill_at_save):
+  """Saves come in pairs (best if improved, then latest). Kill the run inside pair 1 or 2 (on
+  save call 2 / 4: epoch 1's latest, or epoch 2's latest after epoch 2's best), resume, and
+  the results agree with the best checkpoint: its epoch, its val accuracy, its test accuracy."""
+  tested = []
+  val_by_step = {STEPS_PER_EPOCH: 0.5, 2 * STEPS_PER_EPOCH: 0.75}  # both epochs improve
+  config = make_config(data_dir)
+  workdir = str(tmp_path / 'killed')
+  real_save, calls = checkpoint.Checkpointer._save, []
+
+  def dying_save(mgr, step, state, meta):
+    calls.append(1)
+    if len(calls) == kill_at_save:
+      raise SystemExit(137)
+    return real_save(mgr, step, state, meta)
+
+  def scripted(eval_step, strategy, state, ds, split, batch_size):
+    out = REAL_EVALUATE(eval_step, strategy, state, ds, split, batch_size)
+    host = strategy.get_state(state)
+    if split == 'validation':
+      return {**out, 'accuracy': val_by_step[int(host.step)]}
+    tested.append(int(host.step))
+    return out
+
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(train, 'evaluate', scripted)
+    with mp.context() as dying:
+      dying.setattr(checkpoint.Checkpointer, '_save', staticmethod(dying_save))
+      with pytest.raises(SystemExit):
+        train.train_and_evaluate(config, workdir)
+    results = train.train_and_evaluate(config, workdir)
+  best_meta = checkpoint.Checkpointer(workdir).best_meta()
+  rows = _read_jsonl(os.path.join(workdir, 'metrics.jsonl'))
+  assert [r['epoch'] for r in rows] == [1, 2]
+  assert results['best_epoch'] == best_meta['epoch'] == 2
+  assert results['best_val_accuracy'] == best_meta['val_accuracy'] == rows[1]['val_accuracy']
+  assert tested == [2 * STEPS_PER_EPOCH]  # the test split saw the best state
+
+
+def test_batchnorm_mode_through_the_loop(data_dir, tmp_path):
+  """train.batchnorm read by the real loop: with a frozen backbone, 'batch' updates the running
+  statistics (torch's requires_grad=False under model.train()), 'auto' keeps them (running)."""
+  start = None
+  ends = {}
+  for mode in ('auto', 'batch'):
+    config = make_config(data_dir, **{'train.freeze': 'backbone', 'train.batchnorm': mode,
+                                      'train.epochs': 1, 'train.max_steps_per_epoch': 1})
+    train.train_and_evaluate(config, str(tmp_path / mode))
+    target = _setup(config)[2]
+    start = _flat(target.variables)
+    state, _ = checkpoint.Checkpointer(str(tmp_path / mode)).restore_latest(target)
+    ends[mode] = _flat(state.variables)
+  stats = [k for k in start if k.startswith("['batch_stats']")]
+  backbone = [k for k in start if k.startswith("['params']") and "['fc']" not in k]
+  for k in backbone:
+    np.testing.assert_array_equal(ends['batch'][k], start[k], err_msg=k)
+  for k in stats:
+    np.testing.assert_array_equal(ends['auto'][k], start[k], err_msg=k)
+  assert all(not np.array_equal(ends['batch'][k], start[k]) for k in stats)
+
+
+@pytest.mark.parametrize('key,value', [('data.image_size', 0), ('optim.lr', -1.0),
+                                       ('train.label_smoothing', 2.0), ('train.freeze', ''),
+                                       ('train.batchnorm', 'frozen')])
+def test_bad_values_are_refused_before_anything_runs(data_dir, tmp_path, key, value):
+  config = make_config(data_dir, **{key: value})
+  with pytest.raises(ValueError, match=rf'^--config\.{key}=.* is not valid; expected '):
+    train.train_and_evaluate(config, str(tmp_path / 'bad'))
+  assert not os.path.exists(tmp_path / 'bad')
 
 
 # ------------------------------------------------------------------------------------------

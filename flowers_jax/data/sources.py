@@ -21,10 +21,12 @@ the same examples in the same order, hence the same batches for the same seed.
 from __future__ import annotations
 
 import dataclasses
+import glob
 import io
 import logging
 import os
 import re
+import sys
 from typing import Callable
 
 import numpy as np
@@ -204,8 +206,38 @@ def _id_from_file_name(file_name: str, position: int) -> int:
   return int(m.group(1)) if m else position
 
 
+TFDS_DOWNLOAD_HOST = 'www.robots.ox.ac.uk'  # where TFDS's oxford_flowers102 downloads from
+
+
+def _can_reach(host: str, port: int = 443, timeout: float = 5.0) -> bool:
+  """Whether a TCP connection to `host` opens within `timeout` s (TFDS would retry for minutes)."""
+  import socket  # pylint: disable=g-import-not-at-top
+  try:
+    with socket.create_connection((host, port), timeout=timeout):
+      return True
+  except OSError:
+    return False
+
+
+def _check_tfds_reachable(data_dir: str, name: str) -> None:
+  """Fails at once, before tensorflow is imported, when `name` is neither prepared on disk
+  (``<data_dir>/<name>/<version>/dataset_info.json``) nor downloadable from here."""
+  root = data_dir or os.environ.get('TFDS_DATA_DIR') or os.path.expanduser(
+      '~/tensorflow_datasets')
+  if glob.glob(os.path.join(root, name, '*', 'dataset_info.json')):
+    return
+  if not _can_reach(TFDS_DOWNLOAD_HOST):
+    raise FileNotFoundError(
+        f'TFDS {name} is not prepared in {root!r} and this machine cannot reach '
+        f'{TFDS_DOWNLOAD_HOST} to download it; prepare it where there is network, or download'
+        ' the raw files (jpg/, imagelabels.mat, setid.mat) and use'
+        ' --config.data.source=folder --config.data.dir=<their directory>')
+
+
 def read_tfds(data_dir: str, name: str = 'oxford_flowers102') -> Source:
   """TFDS ``oxford_flowers102`` with undecoded image bytes, held in memory."""
+  if 'tensorflow_datasets' not in sys.modules:  # else its import is paid (or mocked in tests)
+    _check_tfds_reachable(data_dir, name)
   from flowers_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   pipeline.import_tf()
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top

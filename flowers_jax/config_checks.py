@@ -1,0 +1,135 @@
+"""Checks a run's config before anything is built: a bad value is one line naming the key.
+
+    config_checks.validate(config)   # ConfigError: "train.label_smoothing=2.0: expected ..."
+
+One table, `RULES`: a dotted key, a predicate and what is valid. A rule whose key the config
+does not have is skipped (small configs in tests). Choices come from the registries that use
+them (`losses.LOSSES`, `optim.OPTIMIZERS`, ...), so a new loss or optimizer is valid here the
+moment it is registered. The data set's own keys (source, augmentation, interpolation) are
+checked by `data.DataConfig.parse` with the data registries.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+from typing import Any, Callable
+
+from flowers_jax import losses, optim, parallel
+from flowers_jax.config_utils import ConfigError
+
+BATCHNORM_MODES = ('auto', 'batch', 'running')
+DTYPES = ('float32', 'bfloat16')
+
+
+def _is_int(v: Any) -> bool:
+  return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+  return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _int_at_least(n: int) -> Callable[[Any, Any], bool]:
+  return lambda v, c: _is_int(v) and v >= n
+
+
+def _number_in(lo: float, hi: float, *, hi_open: bool = False, lo_open: bool = False):
+  def ok(v, c):
+    if not _is_number(v):
+      return False
+    above = v > lo if lo_open else v >= lo
+    below = v < hi if hi_open else v <= hi
+    return above and below
+  return ok
+
+
+def _one_of(choices) -> Callable[[Any, Any], bool]:
+  return lambda v, c: isinstance(v, str) and v in choices
+
+
+def _freeze_ok(v: Any, c: Any) -> bool:
+  """'none', 'backbone', or comma-separated regexes that compile (matching is checked later)."""
+  if isinstance(v, (list, tuple)):
+    v = ','.join(map(str, v))
+  if not isinstance(v, str) or not v.strip():
+    return False
+  if v.strip() in ('none', 'backbone'):
+    return True
+  try:
+    for r in v.split(','):
+      if r.strip():
+        re.compile(r.strip())
+  except re.error:
+    return False
+  return any(r.strip() for r in v.split(','))
+
+
+def _existing_path_or_empty(v: Any, c: Any) -> bool:
+  return isinstance(v, str) and (not v or os.path.exists(os.path.expanduser(v)))
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+  key: str                              # dotted config key
+  ok: Callable[[Any, Any], bool]        # (value, whole config) -> valid?
+  valid: str                            # what is valid, for the message
+
+
+RULES: tuple[Rule, ...] = (
+    Rule('seed', lambda v, c: _is_int(v), 'an integer'),
+    Rule('parallel', _one_of(parallel.STRATEGIES), ' | '.join(parallel.STRATEGIES)),
+    Rule('model.num_classes', _int_at_least(2), 'an integer >= 2'),
+    Rule('init.torchvision', _existing_path_or_empty,
+         "'' (random init) or an existing .pth file / converted-weights directory"),
+    Rule('init.allow_partial', lambda v, c: isinstance(v, bool), 'True or False'),
+    Rule('data.image_size', _int_at_least(16), 'an integer >= 16 (pixels)'),
+    Rule('data.eval_resize', _int_at_least(0), "0 (image_size * 256 / 224) or >= image_size"),
+    Rule('data.threads', _int_at_least(0), 'an integer >= 0 (0: tf.data AUTOTUNE)'),
+    Rule('data.prefetch', _int_at_least(0), 'an integer >= 0'),
+    Rule('train.epochs', _int_at_least(1), 'an integer >= 1'),
+    Rule('train.batch_size', _int_at_least(1), 'an integer >= 1 (global batch)'),
+    Rule('train.eval_batch_size', _int_at_least(1), 'an integer >= 1 (global batch)'),
+    Rule('train.freeze', _freeze_ok,
+         "'none', 'backbone', or comma-separated regexes on parameter paths"),
+    Rule('train.batchnorm', _one_of(BATCHNORM_MODES),
+         'auto (running if train.freeze=backbone, else batch) | batch | running'),
+    Rule('train.loss', _one_of(losses.LOSSES), ' | '.join(losses.LOSSES)),
+    Rule('train.label_smoothing', _number_in(0, 1, hi_open=True), 'a number in [0, 1)'),
+    Rule('train.triplet_margin', _number_in(0, math.inf, hi_open=True), 'a number >= 0'),
+    Rule('train.triplet_weight', _number_in(0, math.inf, hi_open=True), 'a number >= 0'),
+    Rule('train.pk_k', _int_at_least(2), 'an integer >= 2 (images per class)'),
+    Rule('train.dtype', _one_of(DTYPES), ' | '.join(DTYPES)),
+    Rule('train.log_every', _int_at_least(1), 'an integer >= 1 (steps)'),
+    Rule('train.max_steps_per_epoch', _int_at_least(0), 'an integer >= 0 (0: full epochs)'),
+    Rule('optim.name', _one_of(optim.OPTIMIZERS), ' | '.join(optim.OPTIMIZERS)),
+    Rule('optim.lr', _number_in(0, math.inf, lo_open=True, hi_open=True), 'a number > 0'),
+    Rule('optim.momentum', _number_in(0, 1, hi_open=True), 'a number in [0, 1)'),
+    Rule('optim.b1', _number_in(0, 1, hi_open=True), 'a number in [0, 1)'),
+    Rule('optim.b2', _number_in(0, 1, hi_open=True), 'a number in [0, 1)'),
+    Rule('optim.weight_decay', _number_in(0, math.inf, hi_open=True), 'a number >= 0'),
+    Rule('optim.schedule', _one_of(optim.SCHEDULES), ' | '.join(optim.SCHEDULES)),
+    Rule('optim.warmup_steps', _int_at_least(0), 'an integer >= 0 (steps)'),
+    Rule('optim.step_factor', _number_in(0, math.inf, lo_open=True, hi_open=True),
+         'a number > 0'),
+    Rule('optim.clip_norm', _number_in(0, math.inf, hi_open=True), 'a number >= 0 (0: off)'),
+)
+
+
+def _lookup(config: Any, dotted: str) -> tuple[bool, Any]:
+  node = config
+  for part in dotted.split('.'):
+    if not hasattr(node, 'keys') or part not in node:
+      return False, None
+    node = node[part]
+  return True, node
+
+
+def validate(config: Any) -> None:
+  """Raises `ConfigError` (one line) for the first value of `config` that `RULES` reject."""
+  for rule in RULES:
+    present, value = _lookup(config, rule.key)
+    if present and not rule.ok(value, config):
+      raise ConfigError(f'--config.{rule.key}={value!r} is not valid; expected {rule.valid}')

@@ -1,0 +1,52 @@
+"""Stopping a 2-process run (2 x 2 fake CPU devices, gloo on 127.0.0.1) with SIGTERM to one.
+
+Every process must stop at the same step, save `latest` once (orbax saves are collectives) and
+exit with 143 within seconds (before this change: both still running 60 s later, nothing
+saved). Resuming from such a checkpoint is tested in test_train.py.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from flowers_jax import checkpoint, data
+from test_parallel import _cli, _free_port
+
+
+def _wait_for(proc_out: str, text: str, timeout: float) -> None:
+  end = time.time() + timeout
+  while time.time() < end:
+    if os.path.exists(proc_out) and text in open(proc_out).read():
+      return
+    time.sleep(0.2)
+  raise AssertionError(f'{text!r} not seen in {proc_out} after {timeout}s:\n'
+                       + (open(proc_out).read()[-3000:] if os.path.exists(proc_out) else ''))
+
+
+def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path):
+  data_dir = tmp_path / 'data'
+  data.make_fake_flowers(str(data_dir), num_classes=4, per_class=40, image_size=20, seed=0)
+  workdir = tmp_path / 'run'
+  extra = ['--config.train.epochs=50', '--config.train.log_every=1']
+  port = _free_port()
+  logs = [str(tmp_path / f'p{i}.log') for i in range(2)]
+  procs = [_cli(workdir, data_dir, port, i, local_devices=2, extra=extra, log=logs[i])
+           for i in range(2)]
+  try:
+    _wait_for(logs[0], 'epoch 1/50 step 3/', timeout=300)
+    procs[1].send_signal(signal.SIGTERM)
+    t0 = time.time()
+    codes = [p.wait(timeout=120) for p in procs]
+    exited_after = time.time() - t0
+  finally:
+    for p in procs:
+      p.kill()
+  outs = [open(f).read() for f in logs]
+  print(f'both processes exited {exited_after:.1f}s after SIGTERM to process 1')
+  assert codes == [143, 143], outs[0][-2000:] + outs[1][-2000:]
+  assert 'interrupted: saved a checkpoint' in outs[0]
+  meta = checkpoint.Checkpointer(str(workdir)).latest_meta()
+  assert meta is not None and (meta['step_in_epoch'] > 0 or meta['epoch'] > 0)
+
