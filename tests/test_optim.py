@@ -210,3 +210,21 @@ def test_matches_torch_optimizer(name):
   for k, v in _flat(new).items():
     np.testing.assert_allclose(v, tp[k].detach().numpy(), rtol=1e-5,
                                atol=1e-6, err_msg=k)
+
+
+def test_vit_position_embedding_and_class_token_are_not_decayed():
+  """torchvision's ViT recipe: no weight decay on pos_embedding / class_token (rank 3 leaves
+  that the rank rule alone would decay); the rest of the encoder is decayed."""
+  from flowers_jax import models
+  spec = models.spec('vit_b16')
+  params = {'class_token': jnp.ones((1, 1, 4)),
+            'encoder': {'pos_embedding': jnp.ones((1, 5, 4)),
+                        'layers': {'mlp': {'0': {'kernel': jnp.ones((4, 8))}}}}}
+  tx = optim.make_optimizer(_cfg(name='adamw', lr=0.5, weight_decay=0.1), params, total_steps=10,
+                            no_decay=spec.no_weight_decay)
+  updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+  flat = _flat(updates)
+  assert set(flat) == {'class_token', 'encoder/pos_embedding', 'encoder/layers/mlp/0/kernel'}
+  np.testing.assert_array_equal(flat['class_token'], 0)
+  np.testing.assert_array_equal(flat['encoder/pos_embedding'], 0)
+  np.testing.assert_allclose(flat['encoder/layers/mlp/0/kernel'], -0.05, rtol=1e-6)
