@@ -44,6 +44,7 @@ import jax.numpy as jnp
 
 from flowers_jax.models import registry
 from flowers_jax.models.layers import attention as attention_lib
+from flowers_jax.models.layers.conv import conv_general_dilated
 from flowers_jax.models.layers.dropout import Dropout, stochastic_depth
 from flowers_jax.models.layers.norm import torch_batchnorm
 
@@ -118,7 +119,7 @@ class ConvNormAct(nn.Module):
     x = nn.Conv(self.features, (self.kernel, self.kernel), strides=(self.stride,) * 2,
                 padding=((pad, pad), (pad, pad)), feature_group_count=self.groups,
                 use_bias=False, dtype=self.dtype, kernel_init=conv_kernel_init,
-                name='0')(x)
+                conv_general_dilated=conv_general_dilated, name='0')(x)
     x = self.norm(name='1')(x)
     return x if self.activation is None else self.activation(x)
 

@@ -53,6 +53,7 @@ import numpy as np
 
 from flowers_jax.models import registry
 from flowers_jax.models.layers import deform as deform_layers
+from flowers_jax.models.layers.conv import conv_general_dilated
 from flowers_jax.models.layers.norm import torch_batchnorm
 
 HEAD = r'^fc/'
@@ -112,7 +113,8 @@ def conv(features: int, kernel: int, stride: int = 1, *, name: str,
   pad = kernel // 2
   return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
                  padding=((pad, pad), (pad, pad)), use_bias=False, dtype=dtype,
-                 kernel_init=conv_kernel_init, name=name)
+                 kernel_init=conv_kernel_init, conv_general_dilated=conv_general_dilated,
+                 name=name)
 
 
 class Downsample(nn.Module):
