@@ -33,5 +33,13 @@ test: $(STAMP)
 test-all: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadfile -m ''
 
+# CPU benchmark at small sizes: every model, JAX vs torch float32 training steps side by side
+# (5-8 minutes on 2 busy cores, mostly XLA compiles; add `--dtypes float32,bfloat16` for the JAX
+# bf16 rows). The GPU run is scripts/gpu_bench.sh; results in docs/benchmarks.md.
+.PHONY: bench
+bench: $(STAMP)
+	$(PY) scripts/benchmark.py train --batch 8 --size 64 --steps 5 --warmup 1 --dtypes float32 \
+	    --out runs/bench/train_cpu.json
+
 clean:
 	rm -rf runs .pytest_cache

@@ -1,8 +1,18 @@
 r"""Benchmarks, one per subcommand, each a module in scripts/benchmarks/ with `main(argv)`.
 
+  python scripts/benchmark.py train  [--models resnet18,vit_b16 --batch 8 --size 64 --steps 5
+                                      --dtypes float32,bfloat16 --out train.json]
+  python scripts/benchmark.py eval   [same options: inference steps]
   python scripts/benchmark.py deform [--batch 32 --size 112 --out deform.json]
   python scripts/benchmark.py data   [--image-size 224]
+  python scripts/benchmark.py cpu_conv [--batch 32]
   python scripts/benchmark.py --list
+
+`train` / `eval`: every model (resnet18, efficientnet_b0, vit_b16, resnet18 with each deform
+placement) through the project's own step in JAX float32 / bfloat16 against torchvision
+(float32; on CUDA AMP + channels_last and torch.compile), from in-memory synthetic batches,
+without tensorflow. `make bench` runs them small on CPU; `scripts/gpu_bench.sh` is the GPU run
+(batch 128, 224 px). Results go to docs/benchmarks.md.
 
 Timings are reported side by side as ratios (JAX vs the PyTorch reference), not asserted in tests.
 """
@@ -16,7 +26,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def available() -> list[str]:
-  return sorted(m.name for m in pkgutil.iter_modules([os.path.join(HERE, 'benchmarks')]))
+  return sorted(m.name for m in pkgutil.iter_modules([os.path.join(HERE, 'benchmarks')])
+                if not m.name.startswith('_'))  # _common: shared code, not a benchmark
 
 
 def main(argv: list[str]) -> int:
