@@ -6,6 +6,7 @@ steps: `_build` (data, model, optimizer, compiled steps), `_resume` (the loop's 
 the best checkpoint, results.json). It writes into `workdir`:
 
   config.json     the resolved config
+  class_names.json  the data set's class names (a JSON list; predict.py reads it)
   metrics.jsonl   one strict-JSON object per epoch: epoch, train_loss, train_accuracy,
                   val_accuracy, val_loss, val_top5, lr (the rate of the epoch's last step),
                   epoch_time_s (train + validation), images_per_s (training only, without the
@@ -14,7 +15,8 @@ the best checkpoint, results.json). It writes into `workdir`:
                   written before `latest` (every epoch, and on SIGTERM/Ctrl-C)
   curves.png      train / validation accuracy per epoch
   results.json    best_epoch, best_val_accuracy, test_accuracy (of the best checkpoint), wall
-                  time, train images/s (compile step excluded), compile time, parameter counts
+                  time, train images/s (compile step excluded) and, on GPU/TPU, the model-FLOPs
+                  utilisation (`train_mfu`, `flops.py`), compile time, parameter counts
   tensorboard events (clu metric writers)
 
 A run started again on the same workdir resumes from `latest`: the same parameters, optimizer
@@ -45,6 +47,7 @@ MODEL_KEYS = ('name', 'num_classes')  # every other key of config.model is a mod
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 # Config keys whose change makes a checkpoint mean something else: resuming with them refused.
 STATE_DEFINING_KEYS = ('model.', 'train.loss')
+CLASS_NAMES_FILE = 'class_names.json'  # the data set's class names, for predict.py
 # Keys that differ between the processes of one run, or that naming alone changes.
 NOT_COMPARED_KEYS = ('distributed.', 'variant')
 
@@ -264,10 +267,16 @@ class Loop:
   train_time: float = 0.0         # seconds of training steps, the compile step excluded
   train_images: int = 0           # images of those steps
   epoch_rate: float | None = None  # the last epoch's training images/s (compile step excluded)
+  earlier_wall_time: float = 0.0  # seconds spent by the processes before a resume
 
-  def meta(self, config: ml_collections.ConfigDict) -> dict:
+  # Carried over a resume, so results.json covers the whole run, not its last process.
+  CUMULATIVE = ('train_time', 'train_images', 'compile_time')
+
+  def meta(self, config: ml_collections.ConfigDict, wall_time: float) -> dict:
     return {'epoch': self.epoch, 'step_in_epoch': self.step_in_epoch,
-            'train_sums': list(self.train_sums), 'config': config.to_dict()}
+            'train_sums': list(self.train_sums), 'config': config.to_dict(),
+            'totals': {**{k: getattr(self, k) for k in self.CUMULATIVE},
+                       'wall_time': self.earlier_wall_time + wall_time}}
 
 
 def _check_batch_size(global_batch: int, what: str) -> None:
@@ -324,6 +333,10 @@ def _resume(run: Run, state: TrainState) -> tuple[Loop, TrainState]:
     state, meta = restored
     loop.epoch, loop.step_in_epoch = meta['epoch'], meta['step_in_epoch']
     loop.train_sums = meta.get('train_sums', [])
+    totals = meta.get('totals', {})
+    for k in Loop.CUMULATIVE:
+      setattr(loop, k, type(getattr(loop, k))(totals.get(k, 0)))
+    loop.earlier_wall_time = float(totals.get('wall_time', 0.0))
     log(f'resumed from step {int(state.step)} (epoch {loop.epoch + 1}, '
         f'step {loop.step_in_epoch})')
   loop.host_step = int(state.step)
@@ -352,13 +365,13 @@ def _checked(metrics: dict, step: int) -> dict:
   return metrics
 
 
-def _save_latest(run: Run, loop: Loop, state) -> None:
+def _save_latest(run: Run, loop: Loop, state, t_start: float) -> None:
   if run.checkpoints is not None:
     run.checkpoints.save_latest(loop.host_step, run.strategy.get_state(state),
-                                loop.meta(run.config))
+                                loop.meta(run.config, time.time() - t_start))
 
 
-def _train_epoch(run: Run, loop: Loop, state) -> tuple[Any, Averager, int]:
+def _train_epoch(run: Run, loop: Loop, state, compiled: list) -> tuple[Any, Averager, int]:
   """Runs the steps left in epoch `loop.epoch`; returns (state, averages, stop signal or 0).
 
   A step's metrics are read while the next step runs, so checking them costs no overlap. A stop
@@ -366,7 +379,7 @@ def _train_epoch(run: Run, loop: Loop, state) -> tuple[Any, Averager, int]:
   hosts, so every process sees it in the same step's metrics and stops after the same step.
   """
   tc, strategy = run.config.train, run.strategy
-  epoch, first = loop.epoch, loop.step_in_epoch
+  epoch, first = loop.epoch, loop.step_in_epoch  # `compiled`: [bool], has this process compiled
   avg = Averager(*loop.train_sums) if first else Averager()
   batches = parallel.prefetch_to_device(_with_stop_flag(run.ds.train_batches(
       tc.batch_size, epoch, start_step=first, sampler=losses.SAMPLER[tc.loss], pk_k=tc.pk_k)),
@@ -376,10 +389,12 @@ def _train_epoch(run: Run, loop: Loop, state) -> tuple[Any, Averager, int]:
   for step_in_epoch in range(first, run.steps_per_epoch):
     t0 = time.time()
     state, metrics = run.train_step(state, next(batches))
-    if loop.compile_time == 0.0:  # the first call compiles (not AOT: multi-process pmap can't)
-      jax.block_until_ready(metrics)
-      loop.compile_time = compiled_here = time.time() - t0
-      log(f'compiled and ran the first train step in {loop.compile_time:.1f}s')
+    if step_in_epoch == first and not compiled[0]:  # the first call compiles (not AOT:
+      jax.block_until_ready(metrics)                # multi-process pmap can't)
+      compiled_here = time.time() - t0
+      loop.compile_time += compiled_here
+      compiled[0] = True
+      log(f'compiled and ran the first train step in {compiled_here:.1f}s')
     loop.host_step += 1
     if pending is not None:  # the previous step's metrics: reading them does not stall
       last = _checked(strategy.get_metrics(pending), loop.host_step - 1)
@@ -416,7 +431,7 @@ def _log_progress(run: Run, loop: Loop, step_in_epoch: int, first: int, last: di
 
 
 def _validate_and_save(run: Run, loop: Loop, state, avg: Averager, best: Best,
-                       t_epoch: float, writer) -> None:
+                       t_epoch: float, writer, t_start: float) -> None:
   """Validation, the epoch's metrics row, then `best` (if improved) and `latest`, in that order."""
   tc = run.config.train
   val = evaluate(run.eval_step, run.strategy, state, run.ds, 'validation', tc.eval_batch_size)
@@ -433,7 +448,8 @@ def _validate_and_save(run: Run, loop: Loop, state, avg: Averager, best: Best,
   improved = best.offer(epoch, val['accuracy'], loop.host_step, host_state)
   loop.epoch, loop.step_in_epoch, loop.train_sums = epoch, 0, []
   if run.checkpoints is not None:
-    run.checkpoints.save_latest(loop.host_step, host_state, loop.meta(run.config))
+    run.checkpoints.save_latest(loop.host_step, host_state,
+                                loop.meta(run.config, time.time() - t_start))
   loop.history.append(row)
   _write_jsonl(os.path.join(run.workdir, 'metrics.jsonl'), loop.history)
   writer.write_scalars(epoch, {k: v for k, v in _strict_json(row).items()
@@ -461,11 +477,13 @@ def _finish(run: Run, loop: Loop, state, best: Best, t_start: float) -> dict:
       'best_epoch': best.epoch, 'best_val_accuracy': best.val_accuracy,
       'test_accuracy': test['accuracy'], 'test_top5': test['top5'], 'test_loss': test['loss'],
       'test_examples': test['count'], 'epochs': config.train.epochs,
-      'wall_time_s': time.time() - t_start, 'compile_time_s': loop.compile_time,
+      'wall_time_s': loop.earlier_wall_time + time.time() - t_start,
+      'compile_time_s': loop.compile_time,
       'train_images_per_s': (loop.train_images / loop.train_time
                              if loop.train_images > 0 and loop.train_time > 0 else None),
       'devices': jax.device_count(), 'parallel': config.parallel, **run.counts,
   }
+  results['train_mfu'] = _mfu(config, results['train_images_per_s'])
   _write_json(os.path.join(run.workdir, 'results.json'), results)
   if jax.process_index() == 0:
     plots.plot_curves(loop.history, os.path.join(run.workdir, 'curves.png'),
@@ -487,25 +505,41 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   run, state = _build(config, workdir)
   loop, state = _resume(run, state)
   _write_json(os.path.join(workdir, 'config.json'), config.to_dict())
+  _write_json(os.path.join(workdir, CLASS_NAMES_FILE), list(run.ds.class_names))
   best = Best(run.checkpoints)
   state = run.strategy.put_state(state)
   ckpt_lib.install_signal_handlers()
   writer = _metric_writer(workdir)
+  compiled = [False]
   while loop.epoch < config.train.epochs:
     t_epoch = time.time()
-    state, avg, signum = _train_epoch(run, loop, state)
+    state, avg, signum = _train_epoch(run, loop, state, compiled)
     if loop.step_in_epoch < run.steps_per_epoch:  # stopped mid-epoch
-      _save_latest(run, loop, state)
+      _save_latest(run, loop, state, t_start)
       _exit_on_signal(loop, signum)
-    _validate_and_save(run, loop, state, avg, best, t_epoch, writer)
+    _validate_and_save(run, loop, state, avg, best, t_epoch, writer, t_start)
     if signum:
       _exit_on_signal(loop, signum)
   return _finish(run, loop, state, best, t_start)
 
 
+def _mfu(config: ml_collections.ConfigDict, images_per_s: float | None) -> float | None:
+  """Training model-FLOPs utilisation per device (`flops.mfu`), None where FLOPs or the
+  device's peak are unknown (CPUs)."""
+  from flowers_jax import flops
+  name = config.model.name
+  if config.model.get('deform', 'none') != 'none':
+    name = f'{name}_deform_{config.model.deform}'
+  if not images_per_s or not flops.known(name):
+    return None
+  return flops.mfu(name, config.data.image_size, images_per_s / jax.device_count(),
+                   jax.devices()[0].device_kind, config.train.dtype)
+
+
 def _exit_on_signal(loop: Loop, signum: int) -> None:
-  log(f'interrupted: saved a checkpoint at epoch {loop.epoch + 1}, step {loop.step_in_epoch}; '
-      'run the same command again to resume')
+  where = (f'after epoch {loop.epoch}' if loop.step_in_epoch == 0 else
+           f'at epoch {loop.epoch + 1}, step {loop.step_in_epoch}')
+  log(f'interrupted: saved a checkpoint {where}; run the same command again to resume')
   raise SystemExit(128 + signum)
 
 

@@ -6,6 +6,7 @@ validation, 12 test images) on the 4 fake CPU devices of conftest.py, a few step
 
 import json
 import os
+import re
 import shutil
 import signal
 import time
@@ -455,3 +456,15 @@ def test_triplet_losses_train_step(data_dir, dataset, loss, sampler, mode):
   before = _flat(state.params)["['conv1']['kernel']"]  # 'triplet' alone gives fc no gradient
   after = _flat(new.params)["['conv1']['kernel']"]
   assert np.all(np.isfinite(after)) and not np.array_equal(before, after)
+
+
+def test_results_mfu_uses_the_flops_table_per_device(data_dir, monkeypatch):
+  """train_mfu = images/s per device x 3 x forward FLOPs / the device's peak; None on CPUs."""
+  from flowers_jax import flops
+  config = make_config(data_dir, **{'model.deform': 'parallel_conv1', 'data.image_size': 112})
+  assert train._mfu(config, 1000.0) is None  # no peak for a CPU
+  kind = jax.devices()[0].device_kind
+  monkeypatch.setattr(flops, 'PEAKS', [(re.escape(kind), {'float32': 100.0})])
+  per_image = 3 * flops.forward_gflops('resnet18_deform_parallel_conv1', 112)
+  expected = 1000.0 / jax.device_count() * per_image / 100e3
+  assert train._mfu(config, 1000.0) == pytest.approx(expected, rel=1e-12)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import logging
-import os
 import sys
 from typing import Callable, Iterator
 
@@ -40,11 +39,7 @@ def _import_triton_first():
 
 
 def import_tf():
-  """TensorFlow for the input pipeline only: hide GPUs from it so JAX keeps them.
-
-  Its C++ INFO lines (oneDNN notices) are silenced unless TF_CPP_MIN_LOG_LEVEL is set.
-  """
-  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')
+  """TensorFlow for the input pipeline only: hide GPUs from it so JAX keeps them."""
   _import_triton_first()
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   try:
