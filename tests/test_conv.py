@@ -33,3 +33,18 @@ def test_lowerings_equal_lax_values_and_gradients(shape, kernel, strides, groups
   np.testing.assert_allclose(ours[0], ref[0], rtol=1e-12)
   for g, r in zip(ours[1], ref[1]):
     np.testing.assert_allclose(g, r, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize('shape,features,groups,lowered', [
+    ((1, 2, 2, 8), 4, 1, True), ((1, 8, 8, 8), 8, 8, True), ((1, 8, 8, 8), 4, 1, False)])
+def test_flax_conv_takes_the_lowering(shape, features, groups, lowered, monkeypatch):
+  """Through `nn.Conv` (which passes ConvDimensionNumbers, not strings) the lowering is used."""
+  import flax.linen as nn
+  calls = []
+  real = lax.conv_general_dilated
+  monkeypatch.setattr(conv.lax, 'conv_general_dilated',
+                      lambda *a, **k: calls.append(1) or real(*a, **k))
+  layer = nn.Conv(features, (3, 3), padding=((1, 1), (1, 1)), feature_group_count=groups,
+                  conv_general_dilated=conv.conv_general_dilated)
+  layer.init(jax.random.key(0), jnp.zeros(shape))
+  assert (not calls) == lowered

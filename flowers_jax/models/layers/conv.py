@@ -26,6 +26,15 @@ from jax import lax
 NHWC_HWIO = ('NHWC', 'HWIO', 'NHWC')
 
 
+def _is_nhwc_hwio(dimension_numbers, lhs_shape, rhs_shape) -> bool:
+  """Whether `dimension_numbers` (strings, as callers write them, or the ConvDimensionNumbers
+  Flax passes) are NHWC / HWIO / NHWC."""
+  if dimension_numbers is None or len(lhs_shape) != 4:
+    return False
+  want = lax.conv_dimension_numbers(lhs_shape, rhs_shape, NHWC_HWIO)
+  return lax.conv_dimension_numbers(lhs_shape, rhs_shape, dimension_numbers) == want
+
+
 def _no_dilation(*dilations) -> bool:
   return all(d is None or all(int(v) == 1 for v in d) for d in dilations)
 
@@ -70,7 +79,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
                          precision=None, **kwargs):
   """`lax.conv_general_dilated` (Flax's NHWC / HWIO call), lowered as the module docstring says
   where that is faster, unchanged everywhere else."""
-  plain = (tuple(dimension_numbers or ()) == NHWC_HWIO and lhs.ndim == 4 and _explicit(padding)
+  plain = (_is_nhwc_hwio(dimension_numbers, lhs.shape, rhs.shape) and _explicit(padding)
            and _no_dilation(lhs_dilation, rhs_dilation) and not kwargs)
   if plain:
     kh, kw, kin, out = rhs.shape
