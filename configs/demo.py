@@ -7,9 +7,9 @@ r"""A CPU-sized demo: ResNet18 from random init on a synthetic Flowers102-format
 
 Variants: `default` only (the `:arg` is optional).
 
-32 px, not 64: at 33-64 px ResNet18's last stage runs on 2x2 maps, where XLA's CPU backend
-takes a slow path for the 3x3/512-channel convs (0.5 s per conv at batch 32, 20x a 3x3 map;
-`python scripts/benchmark.py cpu_conv` shows it); at 32 px the demo trains in about a minute.
+32 px keeps the demo at about a minute on 2 cores. (At 33-64 px ResNet18's last stage runs on
+2x2 maps, where XLA's CPU backend once took a 20x slower path for the 3x3 convs; since
+`models/layers/conv.py` lowers them as im2col + one dot, 64 px costs only its 4x pixels.)
 """
 
 from configs import common
