@@ -268,6 +268,7 @@ class Loop:
   train_images: int = 0           # images of those steps
   epoch_rate: float | None = None  # the last epoch's training images/s (compile step excluded)
   earlier_wall_time: float = 0.0  # seconds spent by the processes before a resume
+  compiled: bool = False          # this process has compiled (and run) the train step
 
   # Carried over a resume, so results.json covers the whole run, not its last process.
   CUMULATIVE = ('train_time', 'train_images', 'compile_time')
@@ -365,13 +366,13 @@ def _checked(metrics: dict, step: int) -> dict:
   return metrics
 
 
-def _save_latest(run: Run, loop: Loop, state, t_start: float) -> None:
+def _save_latest(run: Run, loop: Loop, host_state, t_start: float) -> None:
   if run.checkpoints is not None:
-    run.checkpoints.save_latest(loop.host_step, run.strategy.get_state(state),
+    run.checkpoints.save_latest(loop.host_step, host_state,
                                 loop.meta(run.config, time.time() - t_start))
 
 
-def _train_epoch(run: Run, loop: Loop, state, compiled: list) -> tuple[Any, Averager, int]:
+def _train_epoch(run: Run, loop: Loop, state) -> tuple[Any, Averager, int]:
   """Runs the steps left in epoch `loop.epoch`; returns (state, averages, stop signal or 0).
 
   A step's metrics are read while the next step runs, so checking them costs no overlap. A stop
@@ -379,7 +380,7 @@ def _train_epoch(run: Run, loop: Loop, state, compiled: list) -> tuple[Any, Aver
   hosts, so every process sees it in the same step's metrics and stops after the same step.
   """
   tc, strategy = run.config.train, run.strategy
-  epoch, first = loop.epoch, loop.step_in_epoch  # `compiled`: [bool], has this process compiled
+  epoch, first = loop.epoch, loop.step_in_epoch
   avg = Averager(*loop.train_sums) if first else Averager()
   batches = parallel.prefetch_to_device(_with_stop_flag(run.ds.train_batches(
       tc.batch_size, epoch, start_step=first, sampler=losses.SAMPLER[tc.loss], pk_k=tc.pk_k)),
@@ -389,11 +390,11 @@ def _train_epoch(run: Run, loop: Loop, state, compiled: list) -> tuple[Any, Aver
   for step_in_epoch in range(first, run.steps_per_epoch):
     t0 = time.time()
     state, metrics = run.train_step(state, next(batches))
-    if step_in_epoch == first and not compiled[0]:  # the first call compiles (not AOT:
-      jax.block_until_ready(metrics)                # multi-process pmap can't)
+    if not loop.compiled:  # the first call compiles (not AOT: multi-process pmap can't)
+      jax.block_until_ready(metrics)
       compiled_here = time.time() - t0
       loop.compile_time += compiled_here
-      compiled[0] = True
+      loop.compiled = True
       log(f'compiled and ran the first train step in {compiled_here:.1f}s')
     loop.host_step += 1
     if pending is not None:  # the previous step's metrics: reading them does not stall
@@ -447,9 +448,7 @@ def _validate_and_save(run: Run, loop: Loop, state, avg: Averager, best: Best,
   host_state = run.strategy.get_state(state)
   improved = best.offer(epoch, val['accuracy'], loop.host_step, host_state)
   loop.epoch, loop.step_in_epoch, loop.train_sums = epoch, 0, []
-  if run.checkpoints is not None:
-    run.checkpoints.save_latest(loop.host_step, host_state,
-                                loop.meta(run.config, time.time() - t_start))
+  _save_latest(run, loop, host_state, t_start)
   loop.history.append(row)
   _write_jsonl(os.path.join(run.workdir, 'metrics.jsonl'), loop.history)
   writer.write_scalars(epoch, {k: v for k, v in _strict_json(row).items()
@@ -510,12 +509,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   state = run.strategy.put_state(state)
   ckpt_lib.install_signal_handlers()
   writer = _metric_writer(workdir)
-  compiled = [False]
   while loop.epoch < config.train.epochs:
     t_epoch = time.time()
-    state, avg, signum = _train_epoch(run, loop, state, compiled)
+    state, avg, signum = _train_epoch(run, loop, state)
     if loop.step_in_epoch < run.steps_per_epoch:  # stopped mid-epoch
-      _save_latest(run, loop, state, t_start)
+      _save_latest(run, loop, run.strategy.get_state(state), t_start)
       _exit_on_signal(loop, signum)
     _validate_and_save(run, loop, state, avg, best, t_epoch, writer, t_start)
     if signum:
