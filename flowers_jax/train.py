@@ -44,7 +44,7 @@ from flowers_jax import config_checks, losses, models, optim, parallel, steps
 from flowers_jax.steps import TrainState
 
 MODEL_KEYS = ('name', 'num_classes')  # every other key of config.model is a model option
-DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+DTYPES = {name: jnp.dtype(name) for name in config_checks.DTYPES}  # train.dtype -> compute
 # Config keys whose change makes a checkpoint mean something else: resuming with them refused.
 STATE_DEFINING_KEYS = ('model.', 'train.loss')
 CLASS_NAMES_FILE = 'class_names.json'  # the data set's class names, for predict.py
