@@ -26,7 +26,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.source = 'folder'  # 'tfds' | 'folder' | 'imagefolder'
   c.data.dir = ''
   c.data.image_size = 224
-  c.data.train_augment = 'rrc_flip'  # 'rrc_flip' | 'flip' | 'none'
+  # Preprocessing (flowers_jax/data/pp.py): a preset name or a '|'-separated string of ops,
+  # e.g. 'random_resized_crop|flip_lr'. Presets: pp_train 'rrc_flip' | 'flip' | 'none',
+  # pp_eval 'center_crop' (resize the short side to eval_resize, center crop image_size).
+  c.data.pp_train = 'rrc_flip'
+  c.data.pp_eval = 'center_crop'
   c.data.eval_resize = 0  # 0: round(image_size * 256 / 224)
   c.data.interpolation = 'bilinear'
   c.data.skip_corrupt = False
@@ -68,6 +72,13 @@ def get_config() -> ml_collections.ConfigDict:
   c.optim.step_factor = 0.1
   c.optim.clip_norm = 0.0
   c.optim.decay_norm_and_bias = False
+
+  # Evaluators (flowers_jax/evaluators.py), run on validation each epoch and on test at the
+  # best checkpoint: 'classification' (top-1/top-5/loss, per-class accuracy, confusion matrix),
+  # 'embedding' (k-NN accuracy and recall@1/5 of the pre-logit embedding against the train split).
+  c.evals = ml_collections.ConfigDict()
+  c.evals.names = 'classification'  # comma-separated
+  c.evals.knn_k = 10  # 'embedding': neighbours that vote in the k-NN accuracy
 
   c.distributed = ml_collections.ConfigDict()
   c.distributed.coordinator_address = ''  # 'host:port', or 'auto' (TPU pods, SLURM); '' = one host

@@ -58,4 +58,7 @@ def get_config(arg=None):
   c.optim.lr = 0.003
   c.optim.warmup_steps = 100
   c.optim.clip_norm = 1.0
+  # Every variant also measures its embedding (k-NN, recall@K against the train split), so
+  # the triplet variants' "better feature representations" can be compared with CE's.
+  c.evals.names = 'classification,embedding'
   return common.select_variant(c, arg, VARIANTS)
