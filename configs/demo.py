@@ -12,13 +12,13 @@ Variants: `default` only (the `:arg` is optional).
 `models/layers/conv.py` lowers them as im2col + one dot, 64 px costs only its 4x pixels.)
 """
 
-from configs import common
+from flowers_jax.config import base_config, select_variant
 
 VARIANTS = {'default': {}}
 
 
 def get_config(arg=None):
-  c = common.get_config()
+  c = base_config()
   c.model.name = 'resnet18'
   c.model.num_classes = 10
   c.model.deform = 'none'
@@ -33,4 +33,4 @@ def get_config(arg=None):
   c.optim.lr = 2e-3
   c.optim.weight_decay = 0.05
   c.optim.warmup_steps = 10
-  return common.select_variant(c, arg or 'default', VARIANTS)
+  return select_variant(c, arg or 'default', VARIANTS)

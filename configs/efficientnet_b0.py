@@ -30,7 +30,7 @@ evaluating less often than every epoch (500 validation passes). On a GPU with le
 train.batch_size and optim.lr together (linear scaling).
 """
 
-from configs import common
+from flowers_jax.config import base_config, select_variant
 
 VARIANTS = {
     # BatchNorm 'batch': the torch recipe the study's PyTorch code implies (backbone
@@ -49,11 +49,11 @@ VARIANTS = {
 
 
 def get_config(arg=None):
-  c = common.get_config()
+  c = base_config()
   c.model.name = 'efficientnet_b0'
   c.model.attention = 'se'
   c.model.dropout = 0.2
   c.model.stochastic_depth = 0.2
   c.data.interpolation = 'bicubic'
   c.optim.lr = 0.01
-  return common.select_variant(c, arg, VARIANTS)
+  return select_variant(c, arg, VARIANTS)

@@ -36,7 +36,7 @@ epoch (500 validation passes). On a GPU with less memory, halve train.batch_size
 together (linear scaling).
 """
 
-from configs import common
+from flowers_jax.config import base_config, select_variant
 
 DEFORM = ('after_conv1', 'parallel_conv1', 'every_stage')
 VARIANTS = {
@@ -57,9 +57,9 @@ VARIANTS = {
 
 
 def get_config(arg=None):
-  c = common.get_config()
+  c = base_config()
   c.model.name = 'resnet18'
   c.model.deform = 'none'
   c.model.deform_init = 'random'
   c.optim.lr = 0.01
-  return common.select_variant(c, arg, VARIANTS)
+  return select_variant(c, arg, VARIANTS)

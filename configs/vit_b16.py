@@ -33,7 +33,7 @@ often than every epoch (500 validation passes). On a GPU with less memory, halve
 and optim.lr together (linear scaling).
 """
 
-from configs import common
+from flowers_jax.config import base_config, select_variant
 
 VARIANTS = {
     'frozen': {'train.freeze': 'backbone', 'optim.lr': 0.03},
@@ -49,7 +49,7 @@ VARIANTS = {
 
 
 def get_config(arg=None):
-  c = common.get_config()
+  c = base_config()
   c.model.name = 'vit_b16'
   # Follows data.image_size (a linked field): a 224 checkpoint's position embedding is resized
   # (bicubic) when loaded into a model of another size.
@@ -61,4 +61,4 @@ def get_config(arg=None):
   # Every variant also measures its embedding (k-NN, recall@K against the train split), so
   # the triplet variants' "better feature representations" can be compared with CE's.
   c.evals.names = 'classification,embedding'
-  return common.select_variant(c, arg, VARIANTS)
+  return select_variant(c, arg, VARIANTS)

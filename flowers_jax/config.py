@@ -1,15 +1,18 @@
-"""Defaults shared by every experiment config.
+"""The base config every experiment starts from, and the variant helpers.
 
-Each model config (`resnet18.py`, `efficientnet_b0.py`, `vit_b16.py`, `demo.py`) starts from
-`get_config()` here, adds its model-specific keys and picks its variant from the `:arg` of
-`--config configs/<model>.py:<variant>`. Every key can be overridden on the command line with
-`--config.<a>.<b>=value`; the keys other tools rely on are listed in docs/architecture.md.
+`configs/<model>.py` files build on `base_config()`: they set their model's keys and pick a
+variant from the `:arg` of `--config configs/<model>.py:<arg>` with `select_variant`. The config
+owns every default: code reads `config.a.b` and never supplies its own fallback, so
+`--config.a.b=value` is the one knob. The keys other tools rely on are listed in
+docs/architecture.md.
 """
 
 import ml_collections
 
 
-def get_config() -> ml_collections.ConfigDict:
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every key of every experiment, with its default."""
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.parallel = 'pmap'  # 'pmap' | 'sharded' (jit over a Mesh)
