@@ -12,21 +12,21 @@ float32.
 - `batch_hard_triplet`: Hermans et al. 2017, "In Defense of the Triplet Loss",
   on P x K batches: per anchor, the farthest positive and the closest negative
   in the (optionally all-gathered) batch.
-- `tcel`: the study's TCEL = CE + weight * triplet on random triplets.
 
-The train step calls `compute(name, train_cfg, outputs, batch)`; `NEEDS[name]`
-says which extra images ('positive', 'negative') it must embed first.
+`LOSSES` holds one `Loss` record per training loss (`config.train.loss`): its
+function, the extra images it embeds ('positive', 'negative') and the sampler
+its batches come from. Adding a loss is one function under `@register(...)`.
+The train step calls `compute(name, train_cfg, outputs, batch)`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-
-from flowers_jax import config_utils
 
 Array = jax.Array
 
@@ -83,18 +83,6 @@ def cross_entropy(logits: Array, labels: Array, mask: Array | None = None,
     target = target * (1.0 - label_smoothing) + label_smoothing / num_classes
   per_example = -jnp.sum(target * logp, axis=-1)
   return _weighted_mean(per_example, _weights(mask, logits.shape[0]))
-
-
-def accuracy_counts(logits: Array, labels: Array, mask: Array | None = None,
-                    topk: tuple[int, ...] = (1,)) -> dict[str, Array]:
-  """{'correct': #top-1 hits, 'correct_top{k}': ..., 'count': sum(mask)}."""
-  w = _weights(mask, logits.shape[0])
-  out = {'count': jnp.sum(w)}
-  for k in topk:
-    _, idx = jax.lax.top_k(logits.astype(jnp.float32), k)
-    hit = jnp.any(idx == labels[:, None], axis=-1).astype(jnp.float32)
-    out['correct' if k == 1 else f'correct_top{k}'] = jnp.sum(w * hit)
-  return out
 
 
 def triplet_margin(anchor: Array, positive: Array, negative: Array,
@@ -154,87 +142,84 @@ def batch_hard_triplet(emb: Array, labels: Array, margin: float = 1.0,
   return jnp.sum(usable * per_anchor) / jnp.where(den > 0, den, 1.0)
 
 
-def tcel(logits: Array, emb_anchor: Array, emb_pos: Array, emb_neg: Array,
-         labels: Array, weight: float = 1.0, margin: float = 1.0,
-         mask: Array | None = None, label_smoothing: float = 0.0) -> Array:
-  """The study's TCEL: CE(logits, labels) + weight * TripletMarginLoss."""
-  return (cross_entropy(logits, labels, mask, label_smoothing)
-          + weight * triplet_margin(emb_anchor, emb_pos, emb_neg, margin,
-                                    mask=mask))
-
-
 # ----------------------------------------------------------------------------
-# Registry used by the train step.
+# Registry used by the train step: one record per loss.
 
-# Extra images (batch keys) each loss needs embedded besides 'image'.
-NEEDS: dict[str, tuple[str, ...]] = {
-    'ce': (),
-    'tcel': ('positive', 'negative'),
-    'triplet': ('positive', 'negative'),
-    'tcel_hard': (),
-}
 
-# The train sampler (`data.Dataset.train_batches(sampler=...)`) whose batches each loss expects:
-# random triplets for the study's losses, P x K batches for batch-hard mining.
-SAMPLER: dict[str, str] = {'ce': 'random', 'tcel': 'triplet', 'triplet': 'triplet',
-                           'tcel_hard': 'pk'}
+@dataclasses.dataclass(frozen=True)
+class Loss:
+  """A training loss and what it needs from the data and the forward pass.
 
-LossFn = Callable[..., tuple[Array, dict[str, Array]]]
+  fn(cfg, outputs, batch, axis_name) -> (loss scalar, {part name: scalar}).
+  extra_inputs: batch image keys embedded besides 'image' in the same forward pass; their
+    pre-logits reach `fn` as `outputs['<key>_embedding']`.
+  sampler: the train sampler (`data.samplers.SAMPLERS`) whose batches the loss expects.
+  """
+  name: str
+  fn: Callable[..., tuple[Array, dict[str, Array]]]
+  extra_inputs: tuple[str, ...] = ()
+  sampler: str = 'random'
+
+
+LOSSES: dict[str, Loss] = {}
+
+
+def register(name: str, *, extra_inputs: tuple[str, ...] = (), sampler: str = 'random'):
+  """Decorator adding `fn(cfg, outputs, batch, axis_name)` to `LOSSES` as `name`."""
+  def decorator(fn):
+    if name in LOSSES:
+      raise ValueError(f'loss {name!r} is registered twice')
+    LOSSES[name] = Loss(name, fn, tuple(extra_inputs), sampler)
+    return fn
+  return decorator
 
 
 def _ce_term(cfg, outputs, batch) -> Array:
   return cross_entropy(outputs['logits'], batch['label'], batch.get('mask'),
-                       float(config_utils.get(cfg, 'label_smoothing', 0.0)))
+                       float(cfg.label_smoothing))
 
 
 def _triplet_term(cfg, outputs, batch) -> Array:
   return triplet_margin(outputs['embedding'], outputs['positive_embedding'],
-                        outputs['negative_embedding'],
-                        float(config_utils.get(cfg, 'triplet_margin', 1.0)),
+                        outputs['negative_embedding'], float(cfg.triplet_margin),
                         mask=batch.get('mask'))
 
 
-def _hard_term(cfg, outputs, batch, axis_name) -> Array:
-  return batch_hard_triplet(outputs['embedding'], batch['label'],
-                            float(config_utils.get(cfg, 'triplet_margin', 1.0)),
-                            batch.get('mask'), axis_name)
-
-
+@register('ce')
 def _loss_ce(cfg, outputs, batch, axis_name):
+  """Cross-entropy (with `label_smoothing`)."""
   del axis_name
   ce = _ce_term(cfg, outputs, batch)
   return ce, {'ce': ce}
 
 
+@register('triplet', extra_inputs=('positive', 'negative'), sampler='triplet')
 def _loss_triplet(cfg, outputs, batch, axis_name):
+  """Triplet margin loss alone on the sampler's random triplets."""
   del axis_name
   tri = _triplet_term(cfg, outputs, batch)
   return tri, {'triplet': tri}
 
 
+@register('tcel', extra_inputs=('positive', 'negative'), sampler='triplet')
 def _loss_tcel(cfg, outputs, batch, axis_name):
+  """The study's TCEL: CE + triplet_weight * triplet margin loss on random triplets."""
   del axis_name
   ce, tri = _ce_term(cfg, outputs, batch), _triplet_term(cfg, outputs, batch)
-  weight = float(config_utils.get(cfg, 'triplet_weight', 1.0))
-  return ce + weight * tri, {'ce': ce, 'triplet': tri}
+  return ce + float(cfg.triplet_weight) * tri, {'ce': ce, 'triplet': tri}
 
 
+@register('tcel_hard', sampler='pk')
 def _loss_tcel_hard(cfg, outputs, batch, axis_name):
+  """CE + triplet_weight * batch-hard triplet loss on P x K batches (global mining)."""
   ce = _ce_term(cfg, outputs, batch)
-  tri = _hard_term(cfg, outputs, batch, axis_name)
-  weight = float(config_utils.get(cfg, 'triplet_weight', 1.0))
-  return ce + weight * tri, {'ce': ce, 'triplet': tri}
+  tri = batch_hard_triplet(outputs['embedding'], batch['label'], float(cfg.triplet_margin),
+                           batch.get('mask'), axis_name)
+  return ce + float(cfg.triplet_weight) * tri, {'ce': ce, 'triplet': tri}
 
 
-LOSSES: dict[str, LossFn] = {
-    'ce': _loss_ce,
-    'tcel': _loss_tcel,
-    'triplet': _loss_triplet,
-    'tcel_hard': _loss_tcel_hard,
-}
-
-
-def get(name: str) -> LossFn:
+def get(name: str) -> Loss:
+  """The `Loss` record of `name`; ValueError naming the valid losses otherwise."""
   if name not in LOSSES:
     raise ValueError(f'Unknown loss {name!r}; valid: {sorted(LOSSES)}')
   return LOSSES[name]
@@ -246,15 +231,14 @@ def compute(name: str, cfg: Any, outputs: Mapping[str, Array],
   """The training loss `name` and its scalar parts.
 
   Args:
-    name: 'ce' | 'tcel' | 'triplet' | 'tcel_hard'.
+    name: a key of `LOSSES`.
     cfg: `config.train` (label_smoothing, triplet_margin, triplet_weight).
-    outputs: {'logits': [B, C], 'embedding': [B, D]} for the anchor rows,
-      plus {'positive_embedding', 'negative_embedding'}: [B, D] for the
-      losses whose `NEEDS` lists 'positive', 'negative'.
+    outputs: {'logits': [B, C], 'embedding': [B, D]} for the anchor rows, plus
+      '<key>_embedding' [B, D] for each of the loss's `extra_inputs`.
     batch: the batch dict ('label' [B], optional 'mask' [B]).
     axis_name: pmap axis for global batch-hard mining ('tcel_hard' only).
 
   Returns:
     (loss scalar, {'ce': ..., 'triplet': ...} the parts that apply).
   """
-  return get(name)(cfg, outputs, batch, axis_name)
+  return get(name).fn(cfg, outputs, batch, axis_name)

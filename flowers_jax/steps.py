@@ -85,7 +85,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
   """Returns `train_step(state, batch) -> (state, metrics)`.
 
   batch: `image [B, H, W, 3]`, `label [B]`, `mask [B]`, optionally `stop [B]` (the host's
-  stop-signal number, 0 for none); losses that need triplets (`losses.NEEDS[train_cfg.loss]`)
+  stop-signal number, 0 for none); losses with `extra_inputs` (`losses.LOSSES`)
   also read `positive`/`negative [B, H, W, 3]`, which go through the model in the same
   forward pass as the anchors.
   bn_train: BatchNorm on batch statistics, updating the running ones (torch `train()`), or on
@@ -98,7 +98,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
   host's rows: a signal to one host stops them all at the same step).
   """
   loss_name = train_cfg.loss
-  extra_inputs = tuple(losses.NEEDS[loss_name])
+  extra_inputs = losses.get(loss_name).extra_inputs
 
   def loss_fn(params, state, batch, rng):
     images = jnp.concatenate([batch['image']] + [batch[k] for k in extra_inputs], axis=0)

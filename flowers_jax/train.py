@@ -383,7 +383,7 @@ def _train_epoch(run: Run, loop: Loop, state) -> tuple[Any, Averager, int]:
   epoch, first = loop.epoch, loop.step_in_epoch
   avg = Averager(*loop.train_sums) if first else Averager()
   batches = parallel.prefetch_to_device(_with_stop_flag(run.ds.train_batches(
-      tc.batch_size, epoch, start_step=first, sampler=losses.SAMPLER[tc.loss], pk_k=tc.pk_k)),
+      tc.batch_size, epoch, start_step=first, sampler=losses.get(tc.loss).sampler, pk_k=tc.pk_k)),
       strategy)
   pending, signum, compiled_here = None, 0, 0.0
   t_start = time.time()

@@ -27,7 +27,7 @@ def test_variant_builds_its_model(name, variant):
   assert config.variant == variant
   model = train.create_model(config)
   assert model.num_classes == config.model.num_classes
-  assert config.train.loss in losses.NEEDS
+  assert config.train.loss in losses.LOSSES
   assert config.train.freeze in ('none', 'backbone')
   assert config.model.name in models.names()
 

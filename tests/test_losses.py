@@ -163,15 +163,6 @@ def test_cross_entropy_mask_ignores_padded_rows():
   assert float(losses.cross_entropy(logits, labels, np.zeros(8))) == 0.0
 
 
-def test_accuracy_counts():
-  logits = np.array([[3., 2, 1], [1, 3, 2], [1, 2, 3], [3, 1, 2]], np.float32)
-  labels = np.array([0, 2, 0, 1])
-  c = losses.accuracy_counts(logits, labels, np.array([1, 1, 1, 0.]),
-                             topk=(1, 2))
-  assert (float(c['correct']), float(c['correct_top2']), float(c['count'])) \
-      == (1.0, 2.0, 3.0)
-
-
 # ---------------------------------------------------------------- compute ---
 
 
@@ -195,15 +186,11 @@ def test_compute_combines_terms():
   hard = losses.batch_hard_triplet(o['embedding'], b['label'], 0.7, b['mask'])
   expected = {'ce': ce, 'triplet': tri, 'tcel': ce + 0.5 * tri,
               'tcel_hard': ce + 0.5 * hard}
-  for name in losses.NEEDS:
+  assert set(losses.LOSSES) == set(expected)
+  for name in losses.LOSSES:
     loss, aux = losses.compute(name, cfg, o, b)
     np.testing.assert_allclose(loss, expected[name], rtol=1e-6)
     assert all(np.shape(v) == () for v in aux.values())
-  np.testing.assert_allclose(
-      losses.tcel(o['logits'], o['embedding'], o['positive_embedding'],
-                  o['negative_embedding'], b['label'], 0.5, 0.7, b['mask'],
-                  0.1), expected['tcel'], rtol=1e-6)
-  assert set(losses.NEEDS) == set(losses.LOSSES)
 
 
 def test_compute_unknown_loss_lists_valid_names():
@@ -213,5 +200,26 @@ def test_compute_unknown_loss_lists_valid_names():
 
 
 def test_every_loss_names_its_batch_inputs_and_sampler():
-  assert set(losses.SAMPLER) == set(losses.NEEDS) == set(losses.LOSSES)
-  assert losses.SAMPLER['tcel_hard'] == 'pk' and losses.SAMPLER['tcel'] == 'triplet'
+  from flowers_jax.data import samplers
+  for loss in losses.LOSSES.values():
+    assert loss.sampler in samplers.SAMPLERS, loss
+    assert set(loss.extra_inputs) <= {'positive', 'negative'}, loss
+  assert losses.get('tcel_hard').sampler == 'pk' and losses.get('tcel').sampler == 'triplet'
+  assert losses.get('tcel').extra_inputs == ('positive', 'negative')
+  assert losses.get('ce').extra_inputs == ()
+
+
+def test_a_registered_loss_is_trainable_by_name():
+  @losses.register('test_only_half_ce')
+  def half_ce(cfg, outputs, batch, axis_name):
+    del axis_name
+    ce = losses.cross_entropy(outputs['logits'], batch['label'], batch.get('mask'))
+    return 0.5 * ce, {'ce': ce}
+  try:
+    o, b = _outputs_and_batch()
+    loss, aux = losses.compute('test_only_half_ce', None, o, b)
+    np.testing.assert_allclose(loss, 0.5 * aux['ce'], rtol=1e-6)
+    with pytest.raises(ValueError, match='twice'):
+      losses.register('test_only_half_ce')(half_ce)
+  finally:
+    del losses.LOSSES['test_only_half_ce']

@@ -45,7 +45,7 @@ def _batch(train_cfg, rng: np.random.Generator) -> dict:
   image = lambda: rng.normal(size=(BATCH, SIZE, SIZE, 3)).astype(np.float32)  # noqa: E731
   batch = {'image': image(), 'label': np.array([0, 0, 1, 1], np.int32),
            'mask': np.ones(BATCH, np.float32)}
-  for key in losses.NEEDS[train_cfg.loss]:
+  for key in losses.get(train_cfg.loss).extra_inputs:
     batch[key] = image()
   if 'negative' in batch:
     batch['negative_label'] = np.array([1, 1, 0, 0], np.int32)
