@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from flowers_jax import config as config_lib
 from flowers_jax import data
 from flowers_jax.data import fake
 
@@ -14,8 +15,15 @@ def fake_dir(tmp_path_factory):
   return root  # 24 train images
 
 
+def _cfg(**kw):
+  """``base_config().data`` with ``kw`` overridden."""
+  cfg = config_lib.base_config().data
+  cfg.update(kw)
+  return cfg
+
+
 def _build(root, seed=0, process_index=0, process_count=1, **kw):
-  cfg = dict(source='folder', dir=str(root), image_size=32, **kw)
+  cfg = _cfg(source='folder', dir=str(root), image_size=32, **kw)
   return data.build(cfg, seed=seed, process_index=process_index,
                     process_count=process_count)
 
@@ -36,6 +44,17 @@ def test_same_seed_same_batches_and_restart(fake_dir):
   np.testing.assert_array_equal(_stack(full[4:]), _stack(resumed))
   # The augmentation is random: two batches of one epoch differ, a flip/crop happened.
   assert np.abs(full[0]['image'] - full[1]['image']).max() > 0.5
+
+
+@pytest.mark.parametrize('pp_train', ['rrc_flip', 'resize_small|random_crop(padding=4)|flip_lr'])
+def test_same_position_same_pixels_for_any_batch_size(fake_dir, pp_train):
+  """The epoch's order does not depend on the batch size, nor does an example's seed."""
+  ds = _build(fake_dir, pp_train=pp_train)
+  by_8 = _stack(ds.train_batches(8, epoch=1)).reshape(24, 32, 32, 3)
+  by_4 = _stack(ds.train_batches(4, epoch=1, start_step=2)).reshape(16, 32, 32, 3)
+  np.testing.assert_array_equal(by_4, by_8[8:])
+  by_12 = _stack(_build(fake_dir, pp_train=pp_train, cache=False).train_batches(12, epoch=1))
+  np.testing.assert_array_equal(by_12.reshape(24, 32, 32, 3), by_8)
 
 
 def test_other_epoch_or_seed_gives_another_order(fake_dir):

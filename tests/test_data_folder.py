@@ -7,13 +7,17 @@ import numpy as np
 import pytest
 import scipy.io
 
+from flowers_jax import config as config_lib
 from flowers_jax import data
 from flowers_jax.data import fake
 from flowers_jax.data import sources
 
 
 def _cfg(root, **kw):
-  return dict(source='folder', dir=str(root), image_size=32, **kw)
+  """``base_config().data`` on the folder at ``root``, with ``kw`` overridden."""
+  cfg = config_lib.base_config().data
+  cfg.update(dict(dict(source='folder', dir=str(root), image_size=32), **kw))
+  return cfg
 
 
 def _build(root, **kw):
@@ -83,7 +87,7 @@ def test_train_batch_shapes_and_steps(fake_dir):
   hi = (1 - np.float32(data.IMAGENET_MEAN)) / np.float32(data.IMAGENET_STD)
   assert (b['image'] >= lo - 1e-5).all() and (b['image'] <= hi + 1e-5).all()
   # 16 distinct train examples in an epoch of 2 x 8 (drop remainder of 20), with their labels.
-  ids, labels = _train_epoch_ids(_build(fake_dir, train_augment='none'), 8)
+  ids, labels = _train_epoch_ids(_build(fake_dir, pp_train='none'), 8)
   assert len(ids) == 16 and len(set(ids)) == 16
   split = ds.splits['train']
   truth = dict(zip(split.ids.tolist(), split.labels.tolist()))
@@ -147,7 +151,7 @@ def test_missing_dir_and_files(fake_dir, tmp_path):
 
 def test_unknown_source_and_bad_labels(fake_dir, tmp_path):
   with pytest.raises(ValueError, match=r"Unknown.*'nope'.*folder.*imagefolder.*tfds"):
-    data.build(dict(source='nope', dir=str(fake_dir)), process_index=0, process_count=1)
+    data.build(_cfg(fake_dir, source='nope'), process_index=0, process_count=1)
   root = tmp_path / 'copy'
   shutil.copytree(fake_dir, root)
   labels = scipy.io.loadmat(root / 'imagelabels.mat')['labels']

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from flowers_jax import config as config_lib
 from flowers_jax import data
 from flowers_jax.data import fake
 
@@ -16,8 +17,15 @@ def _write(root, split, cls, n, ext, c):
     Image.fromarray(img).save(d / f'{i:02d}.{ext}')
 
 
+def _cfg(**kw):
+  """``base_config().data`` with ``kw`` overridden."""
+  cfg = config_lib.base_config().data
+  cfg.update(kw)
+  return cfg
+
+
 def _build(root, **kw):
-  return data.build(dict(source='imagefolder', dir=str(root), image_size=24, **kw), seed=0,
+  return data.build(_cfg(source='imagefolder', dir=str(root), image_size=24, **kw), seed=0,
                     process_index=0, process_count=1)
 
 

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from flowers_jax import config as config_lib
 from flowers_jax import data
 from flowers_jax.data import fake
 from flowers_jax.data import samplers
@@ -66,12 +67,13 @@ def test_eval_plan_pads():
 def fake_ds(tmp_path_factory):
   root = tmp_path_factory.mktemp('fake')
   fake.make_fake_flowers(str(root), num_classes=4, per_class=8, image_size=36, seed=4)
-  cfg = dict(source='folder', dir=str(root), image_size=32, train_augment='none')
+  cfg = config_lib.base_config().data
+  cfg.update(dict(source='folder', dir=str(root), image_size=32, pp_train='none'))
   return data.build(cfg, seed=0, process_index=0, process_count=1)
 
 
 def test_pipeline_delivers_the_planned_triplets(fake_ds):
-  """With train_augment='none' every image equals the eval view of its planned example."""
+  """With pp_train='none' every image equals the eval view of its planned example."""
   split = fake_ds.splits['train']
   views = {int(i): im for b in fake_ds.eval_batches('train', 4)
            for i, im, m in zip(b['id'], b['image'], b['mask']) if m}

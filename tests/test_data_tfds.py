@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from flowers_jax import config as config_lib
 from flowers_jax import data
 from flowers_jax.data import fake
 from flowers_jax.data import pipeline
@@ -18,8 +19,15 @@ tfds = pytest.importorskip('tensorflow_datasets')
 SIZES = {'train': 6, 'validation': 4, 'test': 5}
 
 
+def _cfg(**kw):
+  """``base_config().data`` with ``kw`` overridden."""
+  cfg = config_lib.base_config().data
+  cfg.update(kw)
+  return cfg
+
+
 def _build(data_dir='', **kw):
-  cfg = dict(source='tfds', dir=str(data_dir), image_size=32, **kw)
+  cfg = _cfg(source='tfds', dir=str(data_dir), image_size=32, **kw)
   return data.build(cfg, seed=0, process_index=0, process_count=1)
 
 
@@ -94,7 +102,7 @@ def same_files(tmp_path_factory):
 def test_tfds_and_folder_agree_on_the_same_files(same_files):
   root, data_dir = same_files
   via_tfds = _build(data_dir)
-  via_folder = data.build(dict(source='folder', dir=str(root), image_size=32), seed=0,
+  via_folder = data.build(_cfg(source='folder', dir=str(root), image_size=32), seed=0,
                           process_index=0, process_count=1)
   assert via_tfds.num_examples == via_folder.num_examples == {
       'train': 12, 'validation': 8, 'test': 4}

@@ -24,7 +24,7 @@ def test_eval_view_matches_torchvision(image, size, crop, interp, max_diff):
   mode = {'bilinear': T.InterpolationMode.BILINEAR, 'bicubic': T.InterpolationMode.BICUBIC}
   ref = T.Compose([T.Resize(size, interpolation=mode[interp]), T.CenterCrop(crop)])
   ref = np.asarray(ref(Image.fromarray(image))).astype(int)
-  ours = tr.resize_center_crop(tf.constant(image), size, crop, interp).numpy()
+  ours = tr.center_crop(tr.resize_shorter(tf.constant(image), size, interp), crop).numpy()
   assert ours.shape == ref.shape == (crop, crop, 3) and ours.dtype == np.uint8
   diff = np.abs(ours - ref)
   assert diff.max() <= max_diff and diff.mean() < 0.3
@@ -96,4 +96,3 @@ def test_flip_and_normalize():
   want = (128 / 255 - np.array(tr.IMAGENET_MEAN)) / np.array(tr.IMAGENET_STD)
   np.testing.assert_allclose(tr.normalize(x).numpy()[0, 0], want, atol=1e-6)
   np.testing.assert_allclose(tr.normalize_np(x)[0, 0], want, atol=1e-6)
-  np.testing.assert_array_equal(tr.denormalize_np(tr.normalize_np(x)), x)

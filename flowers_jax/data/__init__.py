@@ -12,24 +12,29 @@ float32 [b]; triplet batches add ``positive``, ``negative`` [b, S, S, 3] and
 ``negative_label`` [b]; eval batches add ``id`` int32 [b] (the example id, e.g. the
 Flowers102 image number; padding rows repeat position 0 with mask 0).
 
-``config.data`` keys (defaults in brackets):
-  source ['folder']       'tfds' | 'folder' | 'imagefolder' (see ``sources``).
-  dir ['']                folder root, or TFDS data_dir ('' = TFDS default).
-  image_size [224]        S, the side of train and eval images.
-  train_augment ['rrc_flip']  'rrc_flip': RandomResizedCrop(scale 0.08-1, ratio
-                          3/4-4/3) + horizontal flip; 'flip': eval view + flip;
-                          'none': the eval view.
-  eval_resize [0]         eval: shorter side -> eval_resize, center crop S;
-                          0 = round(S * 256 / 224) (256 for 224).
-  interpolation ['bilinear']  'bilinear' | 'bicubic' (antialiased, like PIL).
-  skip_corrupt [False]    skip undecodable images with a warning (fully decodes every
+``config.data`` keys (all required: ``DataConfig.parse`` rejects unknown or missing
+keys; defaults in ``flowers_jax.config.base_config()``):
+  source                  'tfds' | 'folder' | 'imagefolder' (see ``sources``).
+  dir                     folder root, or TFDS data_dir ('' = TFDS default).
+  image_size              S, the side of train and eval images.
+  pp_train, pp_eval       preprocessing (see ``pp``): a preset or ops joined by '|' on
+                          uint8 images, e.g. 'random_resized_crop|flip_lr' or
+                          'resize_small(256)|center_crop(224)'. Presets: 'rrc_flip'
+                          (RandomResizedCrop, scale 0.08-1, ratio 3/4-4/3, + horizontal
+                          flip), 'flip' (eval view + flip), 'none' / 'center_crop' (the
+                          eval view). pp_eval may not hold random ops.
+  eval_resize             the eval view: shorter side -> eval_resize, center crop S
+                          (the default size of ``resize_small``); 0 = round(S * 256 / 224).
+  interpolation           'bilinear' | 'bicubic' | 'nearest' | 'area' (antialiased,
+                          like PIL); the default method of the resizing ops.
+  skip_corrupt            skip undecodable images with a warning (fully decodes every
                           image once at build); False: fail naming the file.
-  cache [True]            keep images in memory: train images decoded when the split's
+  cache                   keep images in memory: train images decoded when the split's
                           decoded size is <= 1 GiB (``dataset.DECODED_CACHE_BYTES``),
                           else encoded; eval keeps its final crops when they fit in
                           1 GiB and reads encoded bytes from memory.
-  threads [0]             tf.data parallel calls and private pool; 0 = AUTOTUNE.
-  prefetch [2]            host batches prefetched by tf.data.
+  threads                 tf.data parallel calls and private pool; 0 = AUTOTUNE.
+  prefetch                host batches prefetched by tf.data.
 
 Determinism: epoch ``e``'s global order is ``np.random.default_rng([seed, e])``'s
 permutation (train drops the remainder) and each example's augmentation is a
@@ -45,7 +50,6 @@ from flowers_jax.data.dataset import DataConfig
 from flowers_jax.data.dataset import Dataset
 from flowers_jax.data.fake import make_fake_flowers
 from flowers_jax.data.flowers102 import CLASS_NAMES
-from flowers_jax.data.transforms import denormalize_np
 from flowers_jax.data.transforms import IMAGENET_MEAN
 from flowers_jax.data.transforms import IMAGENET_STD
 from flowers_jax.data.transforms import normalize_np

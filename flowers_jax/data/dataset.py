@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-import logging
 from typing import Any, Iterator
 
 import numpy as np
 
 from flowers_jax.data import pipeline
+from flowers_jax.data import pp
 from flowers_jax.data import samplers
 from flowers_jax.data import sources
 from flowers_jax.data import transforms
@@ -19,35 +19,36 @@ DECODED_CACHE_BYTES = 1 << 30
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-  """``config.data`` with defaults applied (see the package docstring)."""
-  source: str = 'folder'
-  dir: str = ''
-  image_size: int = 224
-  train_augment: str = 'rrc_flip'
-  eval_resize: int = 0
-  interpolation: str = 'bilinear'
-  skip_corrupt: bool = False
-  cache: bool = True
-  threads: int = 0
-  prefetch: int = 2
+  """``config.data`` checked, ``eval_resize=0`` resolved (keys: the package docstring;
+  defaults: ``flowers_jax.config.base_config()``)."""
+  source: str
+  dir: str
+  image_size: int
+  pp_train: str
+  pp_eval: str
+  eval_resize: int
+  interpolation: str
+  skip_corrupt: bool
+  cache: bool
+  threads: int
+  prefetch: int
 
   @classmethod
   def parse(cls, config: Any) -> 'DataConfig':
-    """From a ConfigDict / dict / DataConfig; resolves ``eval_resize=0``."""
+    """From a ConfigDict / dict / DataConfig with every key; ValueError (one line) if bad."""
     if isinstance(config, DataConfig):
       values = dataclasses.asdict(config)
     else:
       items = config.items() if hasattr(config, 'items') else vars(config).items()
       values = dict(items)
-    fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - fields)
-    if unknown:
-      logging.warning('Ignoring unknown config.data keys %s; known keys: %s', unknown,
-                      sorted(fields))
-    cfg = cls(**{k: v for k, v in values.items() if k in fields})
-    if cfg.train_augment not in pipeline.TRAIN_AUGMENTS:
-      raise ValueError(f'Unknown config.data.train_augment {cfg.train_augment!r}; valid:'
-                       f' {sorted(pipeline.TRAIN_AUGMENTS)}.')
+    fields = [f.name for f in dataclasses.fields(cls)]
+    wrong = {'unknown keys': sorted(set(values) - set(fields)),
+             'missing keys': [k for k in fields if k not in values]}
+    if any(wrong.values()):
+      found = ' and '.join(f'{what} {keys}' for what, keys in wrong.items() if keys)
+      raise ValueError(f'config.data has {found}; valid keys: {fields} (start from'
+                       ' flowers_jax.config.base_config().data).')
+    cfg = cls(**values)
     if cfg.interpolation not in transforms.INTERPOLATIONS:
       raise ValueError(f'Unknown config.data.interpolation {cfg.interpolation!r}; valid:'
                        f' {transforms.INTERPOLATIONS}.')
@@ -59,6 +60,8 @@ class DataConfig:
     if cfg.eval_resize < cfg.image_size:
       raise ValueError(f'config.data.eval_resize={cfg.eval_resize} is smaller than the'
                        f' crop image_size={cfg.image_size}.')
+    for key in pp.KEYS:
+      pp.from_config(cfg, key)
     return cfg
 
 

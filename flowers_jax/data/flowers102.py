@@ -1,10 +1,8 @@
-"""Oxford Flowers102 constants: class names and split sizes.
+"""Oxford Flowers102 constants: class names and the setid.mat keys of the splits.
 
 The names are TFDS's oxford_flowers102 label names (the same order as the
 1-based labels of imagelabels.mat: label k in the file is class k-1).
 """
-
-SPLIT_SIZES = {'train': 1020, 'validation': 1020, 'test': 6149}
 
 # setid.mat key of each split.
 SETID_KEYS = {'train': 'trnid', 'validation': 'valid', 'test': 'tstid'}

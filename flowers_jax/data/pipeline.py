@@ -3,8 +3,11 @@
 The plan (``samplers``) fixes which split position fills each row; tf.data only
 loads, augments, batches and prefetches, in order (``deterministic=True``).
 Every random choice of an example is a stateless function of
-``example_seed = fold_in([seed, epoch], position)``, ``position = step * G + row``
-its place in the epoch's global order, so any step can be recomputed alone.
+``example_seed = fold_in(fold_in([seed, epoch], position), part)``, ``position =
+step * G + row`` its place in the epoch's global order and ``part`` 0, 1, 2 for a
+triplet's anchor, positive and negative, so any step can be recomputed alone. The
+images go through ``config.data.pp_train`` / ``pp_eval`` (``pp``: ops on uint8
+[H, W, 3], random ones seeded from ``example_seed``), then ``transforms.normalize``.
 
 ``ImageStore`` holds one split's images in one of three forms: ``files`` (read on
 every use), ``bytes`` (encoded, in memory) or ``decoded`` (uint8 arrays in memory,
@@ -18,10 +21,11 @@ import importlib
 import importlib.util
 import logging
 import sys
-from typing import Callable, Iterator
+from typing import Iterator
 
 import numpy as np
 
+from flowers_jax.data import pp
 from flowers_jax.data import sources
 from flowers_jax.data import transforms
 
@@ -80,22 +84,16 @@ class ImageStore:
     return tf.io.read_file(data) if self.mode == 'files' else data
 
   def full(self, i):
-    """Image at position ``i`` (int64 scalar tensor): uint8 [H, W, 3]."""
+    """Image at position ``i`` (int64 scalar tensor): uint8 [H, W, 3].
+
+    Always the whole image: ``decode_and_crop_jpeg`` would be faster for crops but
+    its chroma upsampling differs at the window's edges from a full decode.
+    """
     tf = import_tf()
     if self.mode == 'decoded':
       image = tf.numpy_function(lambda j: self._images[j], [i], tf.uint8, stateful=False)
       return tf.ensure_shape(image, [None, None, 3])
     return _decode_full(self.encoded(i))
-
-  def crop(self, i, window_fn: Callable):
-    """The window ``window_fn(shape) -> (top, left, h, w)`` of image ``i``.
-
-    The whole image is decoded first: ``decode_and_crop_jpeg`` would be faster but
-    its chroma upsampling differs at the window's edges from a full decode.
-    """
-    image = self.full(i)
-    top, left, h, w = window_fn(import_tf().shape(image))
-    return image[top:top + h, left:left + w]
 
 
 def find_corrupt(split: sources.Split, positions) -> tuple[int, str] | None:
@@ -141,29 +139,6 @@ def example_seed(base, position, part: int = 0):
   return fold(fold(base, position), part)
 
 
-def _rrc_flip(store, i, seed, cfg):
-  tf = import_tf()
-  s_crop, s_flip = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
-  crop = store.crop(i, lambda shape: transforms.random_resized_crop_window(shape, s_crop))
-  image = transforms.resize(crop, cfg.image_size, cfg.image_size, cfg.interpolation)
-  return transforms.random_flip(image, s_flip)
-
-
-def _eval_view(store, i, cfg):
-  return transforms.resize_center_crop(store.full(i), cfg.eval_resize, cfg.image_size,
-                                       cfg.interpolation)
-
-
-def _flip(store, i, seed, cfg):
-  return transforms.random_flip(_eval_view(store, i, cfg), seed)
-
-
-def _none(store, i, seed, cfg):
-  del seed
-  return _eval_view(store, i, cfg)
-
-
-TRAIN_AUGMENTS = {'rrc_flip': _rrc_flip, 'flip': _flip, 'none': _none}
 TRIPLET_PARTS = {'image': 'index', 'positive': 'positive', 'negative': 'negative'}
 
 
@@ -193,7 +168,7 @@ def train_dataset(store: ImageStore, host_plan: dict, cfg, seed: int, epoch: int
   elements = {k: v.reshape(-1).astype(np.int64) for k, v in plan.items()}
   elements['position'] = rows.reshape(-1).astype(np.int64)
   base = tf.constant([seed, epoch], tf.int64)
-  augment = TRAIN_AUGMENTS[cfg.train_augment]
+  augment = pp.from_config(cfg, 'pp_train')
   parts = {k: v for k, v in TRIPLET_PARTS.items() if v in elements}
 
   def load(ex):
@@ -201,7 +176,7 @@ def train_dataset(store: ImageStore, host_plan: dict, cfg, seed: int, epoch: int
            'mask': tf.constant(1.0, tf.float32)}
     for part, (key, src) in enumerate(parts.items()):
       seed_i = example_seed(base, ex['position'], part)
-      out[key] = transforms.normalize(augment(store, ex[src], seed_i, cfg))
+      out[key] = transforms.normalize(augment(store.full(ex[src]), seed_i))
     if 'negative' in ex:
       out['negative_label'] = tf.gather(labels, ex['negative'])
     return out
@@ -219,8 +194,9 @@ def eval_dataset(store: ImageStore, host_plan: dict, cfg, cache: bool):
   b = host_plan['index'].shape[1]
   index = host_plan['index'].reshape(-1).astype(np.int64)
   split = store.split
+  view = pp.from_config(cfg, 'pp_eval')
   ds = tf.data.Dataset.from_tensor_slices(index).map(
-      lambda i: _eval_view(store, i, cfg), num_parallel_calls=cfg.threads or AUTOTUNE,
+      lambda i: view(store.full(i)), num_parallel_calls=cfg.threads or AUTOTUNE,
       deterministic=True)
   if cache:
     ds = ds.cache()

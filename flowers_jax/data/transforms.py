@@ -14,8 +14,9 @@ stateless seed ``int64 [2]`` so an example's augmentation is a pure function of
   bicubic within ~0.2 levels on average (TF's and PIL's cubic kernels differ when
   upsampling; torch tensors use a=-0.75). Results are rounded and clipped to
   [0, 255] as a uint8 PIL pipeline would be. Antialiasing costs ~2x in throughput.
-- ``normalize``: ``/255``, minus ImageNet mean, over ImageNet std; numpy twins
-  ``normalize_np`` / ``denormalize_np`` for code that must not import TensorFlow.
+- ``random_crop``: ``RandomCrop(size, padding)`` (zero padding, uniform offsets).
+- ``normalize``: ``/255``, minus ImageNet mean, over ImageNet std; numpy twin
+  ``normalize_np`` for code that must not import TensorFlow.
 """
 
 from __future__ import annotations
@@ -35,12 +36,6 @@ def normalize_np(image_uint8: np.ndarray) -> np.ndarray:
   """uint8 [..., 3] -> float32 normalised with ImageNet mean/std."""
   x = np.asarray(image_uint8, np.float32) / 255.0
   return (x - np.float32(IMAGENET_MEAN)) / np.float32(IMAGENET_STD)
-
-
-def denormalize_np(image: np.ndarray) -> np.ndarray:
-  """Inverse of ``normalize_np``: float32 [..., 3] -> uint8."""
-  x = np.asarray(image, np.float32) * np.float32(IMAGENET_STD) + np.float32(IMAGENET_MEAN)
-  return np.clip(np.round(x * 255.0), 0, 255).astype(np.uint8)
 
 
 def _tf():
@@ -85,13 +80,18 @@ def center_crop_window(shape, size):
   return top, left, size, size
 
 
-def resize_center_crop(image, resize_to, crop, interpolation='bilinear'):
-  """Eval preset: shorter side -> ``resize_to``, center crop -> uint8 [crop, crop, 3]."""
+def resize_shorter(image, size, interpolation='bilinear'):
+  """torchvision ``Resize(size)``: uint8 [H, W, 3] -> shorter side ``size``, uint8."""
   tf = _tf()
-  h, w = resize_shorter_size(tf.shape(image), resize_to)
-  image = resize(image, h, w, interpolation)
-  top, left, ch, cw = center_crop_window(tf.shape(image), crop)
-  return tf.image.crop_to_bounding_box(image, top, left, ch, cw)
+  h, w = resize_shorter_size(tf.shape(image), size)
+  return resize(image, h, w, interpolation)
+
+
+def center_crop(image, size):
+  """torchvision ``CenterCrop(size)``: [H, W, 3] (H, W >= size) -> [size, size, 3]."""
+  tf = _tf()
+  top, left, h, w = center_crop_window(tf.shape(image), size)
+  return tf.image.crop_to_bounding_box(image, top, left, h, w)
 
 
 def random_resized_crop_window(shape, seed, scale=RRC_SCALE, ratio=RRC_RATIO, tries=10):
@@ -130,6 +130,29 @@ def random_resized_crop_window(shape, seed, scale=RRC_SCALE, ratio=RRC_RATIO, tr
   left = tf.where(any_ok, tf.random.stateless_uniform([], s_left, 0, iw - cw + 1, tf.int32),
                   (iw - cw) // 2)
   return top, left, ch, cw
+
+
+def random_resized_crop(image, size, seed, scale=RRC_SCALE, ratio=RRC_RATIO,
+                        interpolation='bilinear'):
+  """torchvision ``RandomResizedCrop(size)``: uint8 [H, W, 3] -> uint8 [size, size, 3]."""
+  tf = _tf()
+  top, left, h, w = random_resized_crop_window(tf.shape(image), seed, scale, ratio)
+  return resize(image[top:top + h, left:left + w], size, size, interpolation)
+
+
+def random_crop(image, size, seed, padding=0):
+  """torchvision ``RandomCrop(size, padding)``: [H, W, 3] -> [size, size, 3].
+
+  Zero-pads each border by ``padding``, then crops at a uniform random offset; the
+  padded image must be at least ``size`` on both sides.
+  """
+  tf = _tf()
+  image = tf.pad(image, [[padding, padding], [padding, padding], [0, 0]])
+  shape = tf.shape(image)
+  s_top, s_left = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+  top = tf.random.stateless_uniform([], s_top, 0, shape[0] - size + 1, tf.int32)
+  left = tf.random.stateless_uniform([], s_left, 0, shape[1] - size + 1, tf.int32)
+  return tf.image.crop_to_bounding_box(image, top, left, size, size)
 
 
 def random_flip(image, seed):

@@ -1,7 +1,7 @@
 """Input-pipeline throughput: train (and eval) images/s at 224 px on the fake set.
 
   python scripts/benchmark.py data [--dir DIR] [--image-size 224] [--batch 64]
-      [--epochs 3] [--threads 0] [--no-cache] [--sampler random]
+      [--epochs 3] [--threads 0] [--no-cache] [--sampler random] [--pp-train rrc_flip]
 
 Without ``--dir`` a fake Flowers102 set of 500x400 JPEGs (102 classes x 12: 1020 train,
 204 validation images) is written to a temporary folder first. Epoch 0 (and eval
@@ -19,6 +19,7 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', '..'))
 
+from flowers_jax import config as config_lib  # pylint: disable=g-import-not-at-top
 from flowers_jax import data  # pylint: disable=g-import-not-at-top
 
 
@@ -32,7 +33,8 @@ def _parse(argv):
   p.add_argument('--threads', type=int, default=0, help='0 = AUTOTUNE')
   p.add_argument('--no-cache', action='store_true')
   p.add_argument('--sampler', default='random', choices=['random', 'triplet', 'pk'])
-  p.add_argument('--augment', default='rrc_flip')
+  p.add_argument('--pp-train', default=config_lib.base_config().data.pp_train,
+                 help="config.data.pp_train: a preset or ops joined by '|' (data/pp.py)")
   p.add_argument('--per-class', type=int, default=12, help='generated set: 102 x this')
   return p.parse_args(argv)
 
@@ -55,12 +57,14 @@ def run(args) -> dict:
                            image_size=(400, 500), seed=0, splits=(0.84, 0.16))
     print(f'generated {102 * args.per_class} 500x400 JPEGs in {time.perf_counter() - t:.1f} s',
           flush=True)
-  cfg = dict(source=args.source, dir=root, image_size=args.image_size,
-             train_augment=args.augment, threads=args.threads, cache=not args.no_cache)
+  cfg = config_lib.base_config().data
+  cfg.update(dict(source=args.source, dir=root, image_size=args.image_size,
+                  pp_train=args.pp_train, threads=args.threads, cache=not args.no_cache))
   t = time.perf_counter()
   ds = data.build(cfg, seed=0, process_index=0, process_count=1)
   result = {'build_s': round(time.perf_counter() - t, 2), 'image_size': args.image_size,
             'batch': args.batch, 'cache': not args.no_cache, 'sampler': args.sampler,
+            'pp_train': args.pp_train,
             'threads': args.threads or f'AUTOTUNE ({os.cpu_count()} CPUs)',
             'num_train': ds.num_examples['train'], 'train_images_per_s': []}
   for epoch in range(args.epochs):

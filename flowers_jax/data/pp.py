@@ -1,0 +1,255 @@
+"""Preprocessing ops: a registry, and the '|'-joined op strings of ``config.data.pp_*``.
+
+  pipe = pp.parse('resize_small(256)|center_crop(224)', cfg)   # cfg: data.DataConfig
+  image = pipe(image)                   # uint8 [H, W, 3] -> uint8 [S, S, 3]
+  image = pp.parse('rrc_flip', cfg)(image, seed)                # random ops need a seed
+
+A spec is a preset name (``PRESETS``; a spec equal to one is that preset, so
+``'center_crop'`` is the eval view) or ops joined by ``'|'``, each ``name`` or
+``name(args)`` with Python literals as arguments, positional or by keyword. An
+argument left out comes from the data config when the op names a key for it
+(``image_size``, ``eval_resize``, ``interpolation``), else from the op's own
+default; so ``center_crop`` is ``center_crop(config.data.image_size)``. Unknown ops,
+presets or arguments are a one-line ``ValueError`` from ``parse``, before any data
+is read; so is a spec whose output is not ``[image_size, image_size, 3]`` (``parse``
+traces the ops on a symbolic image).
+
+Decoding and normalisation are not ops: the ``pipeline.ImageStore`` decodes (once,
+possibly cached), and ``pipeline`` normalises the pp output with ImageNet mean/std,
+so every op works on uint8 ``[H, W, 3]`` images.
+
+Randomness: an op is random when it takes a keyword-only ``seed``. With the
+example's stateless seed ``s`` (``pipeline.example_seed``: a function of seed, epoch,
+position and triplet part), the k-th of a pipeline's n random ops gets
+``stateless_split(s, n)[k]``, a lone random op gets ``s`` itself. ``pp_eval`` may not
+hold random ops.
+
+A new op is one function of ``(image, args..., *, seed)`` under ``@register(...)``,
+whose keywords map arguments to the ``config.data`` keys that fill them.
+"""
+
+import ast
+import dataclasses
+import functools
+import inspect
+import typing
+from typing import Any, Callable, Literal
+
+from flowers_jax.data import transforms
+
+Interpolation = Literal[transforms.INTERPOLATIONS]
+
+_EVAL_VIEW = 'resize_small|center_crop'
+PRESETS = {
+    'rrc_flip': 'random_resized_crop|flip_lr',  # torchvision RandomResizedCrop + flip
+    'flip': f'{_EVAL_VIEW}|flip_lr',  # the eval view + flip
+    'none': _EVAL_VIEW,
+    'center_crop': _EVAL_VIEW,  # Resize(eval_resize) + CenterCrop(image_size)
+}
+# Whether each config key may hold random ops.
+KEYS = {'pp_train': True, 'pp_eval': False}
+
+
+@dataclasses.dataclass(frozen=True)
+class Op:
+  """A registered op: ``fn(image, args..., [*, seed])``; ``from_config`` maps an
+  argument to the ``config.data`` key that fills it when the spec leaves it out."""
+  fn: Callable
+  from_config: dict[str, str]
+
+  @property
+  def random(self) -> bool:
+    return 'seed' in inspect.signature(self.fn).parameters
+
+  def params(self) -> list[inspect.Parameter]:
+    """The arguments a spec may give (all but the image and the seed)."""
+    return [p for p in list(inspect.signature(self.fn).parameters.values())[1:]
+            if p.name != 'seed']
+
+  def usage(self) -> str:
+    """``name(arg=default, ...)``, e.g. ``center_crop(size=data.image_size)``."""
+    show = lambda p: (f'data.{self.from_config[p.name]}' if p.name in self.from_config
+                      else repr(p.default))
+    return f'{self.fn.__name__}({", ".join(f"{p.name}={show(p)}" for p in self.params())})'
+
+
+OPS: dict[str, Op] = {}
+
+
+def register(**from_config: str) -> Callable:
+  """Decorator: registers ``fn`` under its name; ``from_config``: argument -> data key."""
+  def add(fn):
+    OPS[fn.__name__] = Op(fn, from_config)
+    return fn
+  return add
+
+
+# ---------------------------------------------------------------- ops: uint8 [H, W, 3] in
+
+
+@register(size='eval_resize', method='interpolation')
+def resize_small(image, size: int, method: Interpolation):
+  """Shorter side -> ``size`` (torchvision ``Resize(size)``)."""
+  return transforms.resize_shorter(image, size, method)
+
+
+@register(size='image_size', method='interpolation')
+def resize(image, size: int, method: Interpolation):
+  """-> [size, size, 3], aspect ratio not kept."""
+  return transforms.resize(image, size, size, method)
+
+
+@register(size='image_size')
+def center_crop(image, size: int):
+  """-> [size, size, 3] from the centre (torchvision ``CenterCrop``)."""
+  return transforms.center_crop(image, size)
+
+
+@register(size='image_size', method='interpolation')
+def random_resized_crop(image, size: int, method: Interpolation,
+                        scale: tuple = transforms.RRC_SCALE,
+                        ratio: tuple = transforms.RRC_RATIO, *, seed):
+  """torchvision ``RandomResizedCrop(size, scale, ratio)`` -> [size, size, 3]."""
+  return transforms.random_resized_crop(image, size, seed, scale, ratio, method)
+
+
+@register(size='image_size')
+def random_crop(image, size: int, padding: int = 0, *, seed):
+  """torchvision ``RandomCrop(size, padding)``: zero-pad, crop at a random offset."""
+  return transforms.random_crop(image, size, seed, padding)
+
+
+@register()
+def flip_lr(image, *, seed):
+  """Horizontal flip with probability 1/2."""
+  return transforms.random_flip(image, seed)
+
+
+# ---------------------------------------------------------------- parsing
+
+
+@dataclasses.dataclass(frozen=True)
+class Pipeline:
+  """Parsed ops with their arguments; call it on one uint8 [H, W, 3] image."""
+  spec: str
+  ops: tuple[tuple[Op, dict[str, Any]], ...]
+
+  @property
+  def num_random(self) -> int:
+    return sum(op.random for op, _ in self.ops)
+
+  def _seeds(self, seed) -> list:
+    if self.num_random <= 1:
+      return [seed]
+    tf = _import_tf()
+    return tf.unstack(tf.random.experimental.stateless_split(seed, self.num_random))
+
+  def __call__(self, image, seed=None):
+    """uint8 [H, W, 3], stateless seed int64 [2] (random ops) -> uint8 [S, S, 3]."""
+    seeds = iter(self._seeds(seed))
+    for op, kwargs in self.ops:
+      image = op.fn(image, **kwargs, **({'seed': next(seeds)} if op.random else {}))
+    return image
+
+  def output_shape(self) -> tuple:
+    """The static shape of the output for any uint8 [H, W, 3] input (traces the ops)."""
+    tf = _import_tf()
+    fn = tf.function(self.__call__, autograph=False).get_concrete_function(
+        tf.TensorSpec([None, None, 3], tf.uint8), tf.TensorSpec([2], tf.int64))
+    return tuple(fn.structured_outputs.shape)
+
+
+def _import_tf():
+  from flowers_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  return pipeline.import_tf()
+
+
+def _valid() -> str:
+  return f'valid ops: {sorted(OPS)}; presets (a whole spec): {sorted(PRESETS)}'
+
+
+def _type_ok(value: Any, hint: Any) -> bool:
+  if typing.get_origin(hint) is Literal:
+    return value in typing.get_args(hint)
+  if isinstance(value, bool):
+    return hint is bool
+  return isinstance(value, (int, float) if hint is float else hint)
+
+
+def _describe(hint: Any) -> str:
+  if typing.get_origin(hint) is Literal:
+    return f'one of {typing.get_args(hint)}'
+  return f'of type {hint.__name__}'
+
+
+def _parse_op(text: str, key: str, spec: str, cfg: Any) -> tuple[Op, dict[str, Any]]:
+  """One ``name`` or ``name(args)`` -> (op, all its arguments but the seed)."""
+  where = f'config.data.{key}={spec!r}'
+  try:
+    call = ast.parse(text.strip(), mode='eval').body
+  except SyntaxError:
+    call = None
+  name = call.func if isinstance(call, ast.Call) else call
+  if not isinstance(name, ast.Name):
+    raise ValueError(f'{where}: cannot parse {text.strip()!r} as name or name(args); '
+                     + _valid())
+  if name.id not in OPS:
+    raise ValueError(f'{where}: unknown op {name.id!r}; {_valid()}')
+  op = OPS[name.id]
+  bad = f'{where}: bad arguments in {text.strip()!r}'
+  try:
+    args = [ast.literal_eval(a) for a in getattr(call, 'args', [])]
+    kwargs = {k.arg: ast.literal_eval(k.value) for k in getattr(call, 'keywords', [])}
+  except (ValueError, TypeError, SyntaxError):
+    raise ValueError(f'{bad}: not Python literals; usage: {op.usage()}') from None
+  try:
+    given = inspect.signature(op.fn).bind_partial(None, *args, **kwargs).arguments
+  except TypeError as e:
+    raise ValueError(f'{bad}: {e}; usage: {op.usage()}') from None
+  if 'seed' in given:
+    raise ValueError(f'{bad}: the seed is not an argument; usage: {op.usage()}')
+  hints = typing.get_type_hints(op.fn)
+  bound = {}
+  for p in op.params():
+    if p.name in given:
+      bound[p.name] = given[p.name]
+    elif p.name in op.from_config:
+      bound[p.name] = getattr(cfg, op.from_config[p.name])
+    else:
+      bound[p.name] = p.default
+    if not _type_ok(bound[p.name], hints[p.name]):
+      raise ValueError(f'{bad}: {p.name}={bound[p.name]!r} is not'
+                       f' {_describe(hints[p.name])}; usage: {op.usage()}')
+  return op, bound
+
+
+def parse(spec: str, cfg: Any, key: str = 'pp_train') -> Pipeline:
+  """``config.data.<key>``'s spec -> ``Pipeline``; ValueError (one line) if invalid.
+
+  Args:
+    spec: a preset name or ops joined by '|'.
+    cfg: the data config (``image_size``, ``eval_resize``, ``interpolation`` fill
+      the arguments a spec leaves out).
+    key: 'pp_train' or 'pp_eval' (``KEYS``: whether random ops are allowed).
+  """
+  if not isinstance(spec, str) or not spec.strip():
+    raise ValueError(f'config.data.{key}={spec!r} is not a preset or op string; '
+                     + _valid())
+  text = PRESETS.get(spec.strip(), spec)
+  pipe = Pipeline(spec, tuple(_parse_op(t, key, spec, cfg) for t in text.split('|')))
+  if pipe.num_random and not KEYS[key]:
+    raise ValueError(f'config.data.{key}={spec!r} has random ops'
+                     f' {[op.fn.__name__ for op, _ in pipe.ops if op.random]}; {key} must be'
+                     ' deterministic.')
+  shape = pipe.output_shape()
+  if shape != (cfg.image_size, cfg.image_size, 3):
+    raise ValueError(f'config.data.{key}={spec!r} gives images of shape {list(shape)}, not'
+                     f' image_size [{cfg.image_size}, {cfg.image_size}, 3]; end it with an op'
+                     ' of that size, e.g. center_crop.')
+  return pipe
+
+
+@functools.lru_cache(maxsize=64)
+def from_config(cfg: Any, key: str) -> Pipeline:
+  """The pipeline of ``cfg.<key>`` (key in ``KEYS``; cfg a hashable ``DataConfig``)."""
+  return parse(getattr(cfg, key), cfg, key)
