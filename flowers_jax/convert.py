@@ -30,11 +30,11 @@ to the registration decorator; nothing in this file changes::
 
     from flowers_jax.models import registry
 
-    def _split_qkv_kernel(w):           # torch (2304, 768) -> 3 x (768, 12, 64)
-      return tuple(m.T.reshape(768, 12, 64) for m in np.split(w, 3))
+    def _split_qkv_kernel(w, *, target_shapes):  # torch [3D, D] -> 3 x [D, H, D/H]
+      return tuple(m.T.reshape(s) for m, s in zip(np.split(w, 3), target_shapes))
 
-    def _merge_qkv_kernel(q, k, v):     # inverse
-      return np.concatenate([m.reshape(768, 768).T for m in (q, k, v)])
+    def _merge_qkv_kernel(q, k, v):              # inverse
+      return np.concatenate([m.reshape(m.shape[0], -1).T for m in (q, k, v)])
 
     _L = 'encoder/layers/{layer}/self_attention'
     TORCHVISION_RULES = (
@@ -470,7 +470,10 @@ def torchvision_to_flax(name: str, state_dict, num_classes: int | None = None, *
     if entry is None:
       report.dropped.append(key)
       continue
-    arrays = entry.flax_arrays(value, (target[p].shape for p in entry.flax_paths))
+    try:
+      arrays = entry.flax_arrays(value, (target[p].shape for p in entry.flax_paths))
+    except ValueError:  # a rule's reshape to the model's shapes failed: the sizes differ
+      arrays = ()
     bad = [(p, a.shape) for p, a in zip(entry.flax_paths, arrays)
            if a.shape != target[p].shape]
     if bad and all(_is_head(name, p) for p, _ in bad):

@@ -3,15 +3,16 @@
 Forward FLOPs (multiply and add counted as 2, convolutions and matmuls only, as fvcore and
 torchvision's `GFLOPS x 2` count them) per 224-px image:
 
-  resnet18 3.63 G, resnet34 7.33 G, resnet50 8.18 G, efficientnet_b0 0.80 G, vit_b16 35.2 G.
+  resnet18 3.63 G, resnet34 7.33 G, resnet50 8.18 G, efficientnet_b0 0.80 G, vit_b16 35.2 G,
+  vit_b32 8.82 G, vit_l16 123.1 G (torchvision's 4.41 / 61.55 GFLOPS x 2).
 
 Other sizes:
   convnets  x (size / 224)^2: every layer's output map scales with the input area (the
             global pool and the head are negligible);
-  vit_b16   by token count N = (size / 16)^2 + 1 against 197 at 224 px: the projections and
-            MLP (24 N D^2 per layer) grow with N, the attention matrices (4 N^2 D per layer)
-            with N^2; at 224 px attention is 4.1% of the total, so
-            flops(N) = 35.2 G x (0.959 r + 0.041 r^2), r = N / 197.
+  ViTs      by token count N = (size / P)^2 + 1 against N_224 at 224 px (P the patch size):
+            the projections and MLP (24 N D^2 per layer) grow with N, the attention matrices
+            (4 N^2 D per layer) with N^2. With `VITS`' share s of attention at 224 px
+            (vit_b16: 4.1%), flops(N) = flops_224 x ((1 - s) r + s r^2), r = N / N_224.
   resnet18 with deformable convs (`resnet18_deform_<placement>`, placements as in
             `models/resnet.py`) adds each deformable conv and its offset-predicting conv
             (2 k^2 outputs, same kernel), 2 k^2 C_in C_out H_out W_out each: +1.18 G
@@ -38,6 +39,8 @@ FORWARD_GFLOPS_224 = {
     'resnet50': 8.18,
     'efficientnet_b0': 0.80,
     'vit_b16': 35.2,
+    'vit_b32': 8.82,
+    'vit_l16': 123.1,
 }
 CONVNETS = ('resnet18', 'resnet34', 'resnet50', 'efficientnet_b0')
 
@@ -49,8 +52,12 @@ DEFORM_LAYERS = {
     'every_stage': [(3, 64, 64, 56), (3, 128, 128, 28), (3, 256, 256, 14), (3, 512, 512, 7)],
 }
 
-VIT_TOKENS_224 = 197
-VIT_ATTENTION_SHARE = 0.041  # 12 * 4 N^2 D / 35.2 G at N = 197, D = 768
+# ViT -> (patch size P, attention's share of the forward FLOPs at 224 px: L 4 N^2 D / total).
+VITS = {
+    'vit_b16': (16, 0.041),  # 12 x 4 x 197^2 x 768 / 35.2 G
+    'vit_b32': (32, 0.010),  # 12 x 4 x 50^2 x 768 / 8.82 G
+    'vit_l16': (16, 0.031),  # 24 x 4 x 197^2 x 1024 / 123.1 G
+}
 
 # (regex on device_kind, {dtype: dense peak TFLOP/s}); the first match wins, so the more
 # specific names come first. NVIDIA's data sheets (dense, without sparsity); Google's for TPUs.
@@ -90,9 +97,10 @@ def forward_gflops(model: str, image_size: int = 224) -> float:
     valid = list(FORWARD_GFLOPS_224) + [f'resnet18_deform_{p}' for p in DEFORM_LAYERS]
     raise ValueError(f'no FLOPs for model {model!r}; valid: {", ".join(valid)}')
   base, placement = _base_and_deform(model)
-  if base == 'vit_b16':
-    r = ((image_size // 16) ** 2 + 1) / VIT_TOKENS_224
-    return FORWARD_GFLOPS_224[base] * ((1 - VIT_ATTENTION_SHARE) * r + VIT_ATTENTION_SHARE * r * r)
+  if base in VITS:
+    patch, share = VITS[base]
+    r = ((image_size // patch) ** 2 + 1) / ((224 // patch) ** 2 + 1)
+    return FORWARD_GFLOPS_224[base] * ((1 - share) * r + share * r * r)
   at_224 = FORWARD_GFLOPS_224[base] + (_deform_gflops(placement) if placement else 0.0)
   return at_224 * (image_size / 224) ** 2
 

@@ -67,7 +67,7 @@ class Run:
     if self._apply is None:
       import jax  # pylint: disable=g-import-not-at-top
       model = self.model
-      self._apply = jax.jit(lambda v, x: model.apply(v, x, train=False).astype('float32'))
+      self._apply = jax.jit(lambda v, x: model.apply(v, x, train=False)[0].astype('float32'))
     return np.asarray(self._apply(self.variables, images))
 
 

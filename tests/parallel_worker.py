@@ -50,7 +50,10 @@ MODELS = {  # name -> (create options, image size)
 
 def _toy_model(num_classes, bn_axis_name, dtype, dropout, stochastic_depth):
   """EfficientNet-B0's random layers in a model that compiles in a second: conv -> BatchNorm
-  -> residual with stochastic depth -> pool -> dropout -> dense. [B, 8, 8, 3] -> [B, classes]."""
+  -> residual with stochastic depth -> pool -> dropout -> dense.
+
+  [B, 8, 8, 3] -> (logits [B, num_classes], {'pre_logits': [B, 16]}), like the models.
+  """
   import flax.linen as nn
   import jax.numpy as jnp
   from flowers_jax.models.layers import dropout as dropout_lib
@@ -58,7 +61,7 @@ def _toy_model(num_classes, bn_axis_name, dtype, dropout, stochastic_depth):
 
   class Toy(nn.Module):
     @nn.compact
-    def __call__(self, x, train=False, *, bn_train=None, return_embedding=False):
+    def __call__(self, x, train=False, *, bn_train=None):
       bn_train = train if bn_train is None else bn_train
       norm = torch_batchnorm(running=not bn_train, axis_name=bn_axis_name, dtype=dtype)
       x = nn.relu(norm()(nn.Conv(16, (3, 3), dtype=dtype)(x)))
@@ -68,7 +71,7 @@ def _toy_model(num_classes, bn_axis_name, dtype, dropout, stochastic_depth):
       emb = jnp.mean(x, axis=(1, 2))
       h = dropout_lib.Dropout(dropout, bn_axis_name)(emb, deterministic=not train)
       logits = nn.Dense(num_classes, dtype=dtype, name='head')(h)
-      return (logits, emb) if return_embedding else logits
+      return logits, {'pre_logits': emb}
 
   return Toy()
 
@@ -138,10 +141,9 @@ def _train(mode, num_steps, devices, model_name, checkpoint_at, workdir, options
 
 
 def flatten(tree) -> dict:
-  import jax
-  import numpy as np
-  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return {jax.tree_util.keystr(k): np.asarray(v) for k, v in leaves}
+  """{'a/b/c': numpy array}: tests/tree_util.py's `flat` (imported once main set XLA_FLAGS)."""
+  from tree_util import flat
+  return flat(tree)
 
 
 def main():

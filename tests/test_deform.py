@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flowers_jax.models.layers import deform
+from flowers_jax.models.layers import deform, torch_init
 
 torch = pytest.importorskip('torch')
 torchvision = pytest.importorskip('torchvision')
@@ -166,7 +166,7 @@ def test_deform_conv_module_equals_plain_conv_at_init(strides, padding, use_mask
   kernel_size = 3 if padding == 1 else 7
   layer = deform.DeformConv(6, kernel_size, strides=strides, padding=padding,
                             offset_groups=2, use_mask=use_mask,
-                            bias_init=deform.torch_bias_init(kernel_size ** 2 * 4))
+                            bias_init=torch_init.uniform_fan_in(kernel_size ** 2 * 4))
   x = jax.random.normal(jax.random.key(0), (2, 11, 9, 4))
   variables = jax.jit(layer.init)(jax.random.key(1), x)
   params = variables['params']

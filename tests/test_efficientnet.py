@@ -68,8 +68,8 @@ def _is_feature_block(module, method):
 
 @functools.partial(jax.jit, static_argnums=0)
 def _flax_features(model, variables, x):
-  logits, state = model.apply(variables, x, capture_intermediates=_is_feature_block,
-                              mutable=['intermediates'])
+  (logits, _), state = model.apply(variables, x, capture_intermediates=_is_feature_block,
+                                   mutable=['intermediates'])
   feats = state['intermediates']['features']
   return logits, [feats[str(i)]['__call__'][0] for i in range(len(feats))]
 
@@ -151,7 +151,7 @@ def test_eca_model_with_new_head_loads_everything_but_se_and_head(state_dict, at
       assert kernel.shape == (k, 1, 1)
   x = np.random.RandomState(1).randn(2, 32, 32, 3).astype(np.float32)
   model = models.create('efficientnet_b0', num_classes=102, attention=attention)
-  logits = jax.jit(model.apply)(variables, x)
+  logits, _ = jax.jit(model.apply)(variables, x)
   assert logits.shape == (2, 102) and np.all(np.isfinite(logits))
   assert models.HEAD_PATTERNS['efficientnet_b0'] == r'^classifier/'
 
@@ -165,8 +165,8 @@ def test_train_mode_batch_stats_match_torch():
   with torch.no_grad():
     expected = torch_model(torch.from_numpy(x).permute(0, 3, 1, 2)).numpy()
   model = models.create('efficientnet_b0', dropout=0.0, stochastic_depth=0.0)
-  logits, updates = jax.jit(functools.partial(model.apply, train=True, mutable=['batch_stats']))(
-      variables, x)
+  (logits, _), updates = jax.jit(
+      functools.partial(model.apply, train=True, mutable=['batch_stats']))(variables, x)
   diff = float(np.abs(np.asarray(logits) - expected).max())
   print(f'train-mode logits: max abs diff {diff:.2e}')
   assert diff < TOL
@@ -184,11 +184,12 @@ def test_dropout_and_stochastic_depth_only_in_train_mode(converted):
 
   @functools.partial(jax.jit, static_argnums=1)
   def apply(seed, train):
-    return model.apply(variables, x, train=train, bn_train=False, return_embedding=True,
+    return model.apply(variables, x, train=train, bn_train=False,
                        rngs={'dropout': jax.random.PRNGKey(seed)})
-  (eval0, emb), (eval1, _) = apply(0, False), apply(1, False)
+  (eval0, out), (eval1, _) = apply(0, False), apply(1, False)
   np.testing.assert_array_equal(eval0, eval1)
   assert np.abs(apply(0, True)[0] - apply(1, True)[0]).max() > 1e-3
+  emb = out['pre_logits']
   assert eval0.shape == (2, 1000) and emb.shape == (2, 1280) and emb.dtype == jnp.float32
 
 
@@ -214,6 +215,6 @@ def test_bfloat16_compute_keeps_float32_params():
   x = jnp.zeros((2, 32, 32, 3))
   variables = jax.eval_shape(model.init, jax.random.PRNGKey(0), x)
   assert {v.dtype for v in jax.tree.leaves(variables)} == {jnp.dtype(jnp.float32)}
-  logits, emb = jax.eval_shape(functools.partial(model.apply, return_embedding=True),
-                               variables, x)
-  assert (logits.shape, logits.dtype, emb.shape) == ((2, 1000), jnp.float32, (2, 1280))
+  logits, out = jax.eval_shape(model.apply, variables, x)
+  assert (logits.shape, logits.dtype) == ((2, 1000), jnp.float32)
+  assert (out['pre_logits'].shape, out['pre_logits'].dtype) == ((2, 1280), jnp.float32)

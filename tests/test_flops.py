@@ -10,7 +10,8 @@ from flowers_jax import flops
 
 
 @pytest.mark.parametrize('model, gflops', [('resnet18', 3.63), ('efficientnet_b0', 0.80),
-                                           ('vit_b16', 35.2)])
+                                           ('vit_b16', 35.2), ('vit_b32', 8.82),
+                                           ('vit_l16', 123.1)])
 def test_forward_gflops_at_224(model, gflops):
   assert flops.forward_gflops(model, 224) == pytest.approx(gflops)
   assert flops.train_gflops(model, 224) == pytest.approx(3 * gflops)
@@ -27,6 +28,8 @@ def test_vit_scales_with_tokens():
   expected = 35.2 * (0.959 * r + 0.041 * r * r)
   assert flops.forward_gflops('vit_b16', 128) == pytest.approx(expected)
   assert flops.forward_gflops('vit_b16', 384) > 35.2 * (577 / 197)  # attention grows faster
+  r = 145 / 50  # B/32 at 384 px: 12 x 12 patches + the class token, against 7 x 7 + 1
+  assert flops.forward_gflops('vit_b32', 384) == pytest.approx(8.82 * (0.99 * r + 0.01 * r * r))
 
 
 def test_deform_adds_its_convs():

@@ -75,7 +75,7 @@ def torch_feature_maps(model, x):
 def flax_feature_maps(model, variables, x):
   apply = jax.jit(functools.partial(model.apply, capture_intermediates=True,
                                     mutable=['intermediates']))
-  logits, state = apply(variables, jnp.asarray(x))
+  (logits, _), state = apply(variables, jnp.asarray(x))
   inter = state['intermediates']
   maps = {'conv1': inter['conv1']['__call__'][0], 'bn1': inter['bn1']['__call__'][0],
           'maxpool': inter['stem'][0]}
@@ -118,10 +118,9 @@ def test_train_mode_batchnorm_step_matches_torchvision(torch_resnet18, flax_resn
   reference.train()
   with torch.no_grad():
     ref_logits = reference(torch.from_numpy(x_torch)).numpy()
-  apply = jax.jit(functools.partial(model.apply, train=True, return_embedding=True,
-                                    mutable=['batch_stats']))
-  (logits, emb), updates = apply(variables, jnp.asarray(x_flax))
-  assert emb.shape == (batch, 512)
+  apply = jax.jit(functools.partial(model.apply, train=True, mutable=['batch_stats']))
+  (logits, out), updates = apply(variables, jnp.asarray(x_flax))
+  assert out['pre_logits'].shape == (batch, 512)
   diff = np.abs(np.asarray(logits) - ref_logits).max()
   print(f'train-mode logits max abs diff: {diff:.1e}')
   assert diff < TOL
@@ -143,9 +142,9 @@ def test_train_mode_batchnorm_step_matches_torchvision(torch_resnet18, flax_resn
 def test_frozen_batchnorm_keeps_running_stats(flax_resnet18):
   model, variables = flax_resnet18
   _, x = images((2, 3, 64, 64))
-  eval_logits = model.apply(variables, x)
-  logits, updates = model.apply(variables, x, train=True, bn_train=False,
-                                mutable=['batch_stats'])
+  eval_logits, _ = model.apply(variables, x)
+  (logits, _), updates = model.apply(variables, x, train=True, bn_train=False,
+                                     mutable=['batch_stats'])
   np.testing.assert_array_equal(logits, eval_logits)
   jax.tree_util.tree_map(np.testing.assert_array_equal, updates['batch_stats'],
                          variables['batch_stats'])
@@ -157,11 +156,31 @@ def test_bfloat16_compute_keeps_float32_params(flax_resnet18):
   model = models.create('resnet18', dtype=jnp.bfloat16)
   params = jax.eval_shape(model.init, jax.random.PRNGKey(0), x)['params']
   assert {l.dtype for l in jax.tree_util.tree_leaves(params)} == {jnp.dtype('float32')}
-  logits, emb = jax.jit(functools.partial(model.apply, return_embedding=True))(variables, x)
-  assert logits.dtype == emb.dtype == jnp.float32
-  ref = jax.jit(models.create('resnet18').apply)(variables, x)
+  logits, out = jax.jit(model.apply)(variables, x)
+  assert logits.dtype == out['pre_logits'].dtype == jnp.float32
+  ref, _ = jax.jit(models.create('resnet18').apply)(variables, x)
   scale = np.abs(ref).max()
   assert np.abs(logits - ref).max() < 0.1 * scale
+
+
+def test_random_init_matches_torchvision():
+  """A fresh model against a fresh torchvision resnet18(weights=None) (`layers/torch_init.py`):
+  kaiming-normal fan-out convs' std within 5%, fc's U(+-1/sqrt(512)) bounds within 2%."""
+  torch.manual_seed(0)
+  reference = torchvision.models.resnet18(weights=None)
+  expected = {k: v.numpy() for k, v in reference.state_dict().items()}
+  model = models.create('resnet18')
+  got = convert.flax_to_torchvision(
+      'resnet18', jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3))))
+  for key in ('conv1.weight', 'layer1.0.conv1.weight', 'layer2.0.downsample.0.weight',
+              'layer4.1.conv2.weight'):
+    assert got[key].std() == pytest.approx(expected[key].std(), rel=0.05), key
+    assert abs(got[key].mean()) < 0.05 * expected[key].std(), key
+  for key in ('fc.weight', 'fc.bias'):
+    bound = np.abs(expected[key]).max()
+    assert bound == pytest.approx(512 ** -0.5, rel=0.02), key
+    assert np.abs(got[key]).max() == pytest.approx(bound, rel=0.02), key
+    assert got[key].std() == pytest.approx(expected[key].std(), rel=0.1), key
 
 
 @pytest.mark.parametrize('name, num_params', [('resnet18', 11_689_512),
@@ -184,7 +203,9 @@ def test_resnet50_converts_and_matches_torchvision():
   x_torch, x_flax = images((2, 3, 32, 32))
   with torch.no_grad():
     ref = tv(torch.from_numpy(x_torch)).numpy()
-  diff = np.abs(jax.jit(models.create('resnet50').apply)(variables, x_flax) - ref).max()
+  logits, out = jax.jit(models.create('resnet50').apply)(variables, x_flax)
+  assert out['pre_logits'].shape == (2, 2048)
+  diff = np.abs(logits - ref).max()
   print(f'resnet50 logits max abs diff: {diff:.1e}')
   assert diff < TOL
 

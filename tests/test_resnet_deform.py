@@ -38,7 +38,12 @@ def state_dict():
 def plain(state_dict):
   """Plain ResNet18 variables (102-class head) and its jitted apply."""
   variables, _ = convert.torchvision_to_flax('resnet18', state_dict, num_classes=NUM_CLASSES)
-  return variables, jax.jit(models.create('resnet18', NUM_CLASSES).apply)
+  return variables, jitted_logits(models.create('resnet18', NUM_CLASSES))
+
+
+def jitted_logits(model):
+  """jit of (variables, x [B, H, W, 3]) -> logits [B, NUM_CLASSES] (eval mode)."""
+  return jax.jit(lambda variables, x: model.apply(variables, x)[0])
 
 
 def images(shape, seed=0):
@@ -64,7 +69,7 @@ def test_pretrained_init_loads_torchvision_and_equals_plain_resnet18(deform, sta
   assert sorted(report.dropped) == ['fc.bias', 'fc.weight']
   # Only the head and the deformable layers (no torchvision names) are initialised.
   assert {p.split('/')[1] for p in report.initialised} == {'fc'} | DEFORM_MODULES[deform]
-  apply = jax.jit(model.apply)
+  apply = jitted_logits(model)
   for shape in SHAPES:
     x = images(shape)
     logits, ref = apply(variables, x), plain_apply(plain_variables, x)
@@ -84,7 +89,7 @@ def test_random_init_changes_the_function(deform, state_dict, plain):
   assert bound / 2 < np.abs(kernel).max() <= bound
   assert np.abs(variables['params'][name]['offset']['kernel']).max() == 0
   x = images(SHAPES[0])
-  diff = np.abs(jax.jit(model.apply)(variables, x) - plain_apply(plain_variables, x)).max()
+  diff = np.abs(jitted_logits(model)(variables, x) - plain_apply(plain_variables, x)).max()
   assert diff > 1e-2, diff
 
 
@@ -93,8 +98,8 @@ def _offset_kernel_grads(model, variables, name):
   x, labels = images((2, 64, 64, 3), seed=1), jnp.array([3, 7])
 
   def loss(params):
-    logits, _ = model.apply({**variables, 'params': params}, x, train=True,
-                            mutable=['batch_stats'])
+    (logits, _), _ = model.apply({**variables, 'params': params}, x, train=True,
+                                 mutable=['batch_stats'])
     return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], 1))
 
   grads = jax.jit(jax.grad(loss))(variables['params'])
@@ -143,7 +148,8 @@ def test_bfloat16_deform_variant_keeps_float32_params():
   variables = jax.eval_shape(functools.partial(model.init, train=False),
                              jax.random.PRNGKey(0), x)
   assert {l.dtype for l in jax.tree_util.tree_leaves(variables)} == {jnp.dtype('float32')}
-  assert jax.eval_shape(model.apply, variables, x).dtype == jnp.float32
+  logits, out = jax.eval_shape(model.apply, variables, x)
+  assert logits.dtype == out['pre_logits'].dtype == jnp.float32
 
 
 def test_identity_kernel_init_is_the_identity_conv():

@@ -1,4 +1,5 @@
-"""ViT-B/16 against torchvision.models.vit_b_16 (random weights, every parameter perturbed)."""
+"""ViT-B/16, B/32 and L/16 against torchvision's vit_b_16 / vit_b_32 / vit_l_16 (random weights,
+every parameter perturbed)."""
 
 import functools
 import re
@@ -18,10 +19,10 @@ TOL = 1e-4
 NUM_PARAMS = 86_567_656
 
 
-def _perturbed_torch_model(image_size=224):
+def _perturbed_torch_model(builder='vit_b_16', image_size=224):
   """weights=None leaves the head, class token and biases at 0: perturb every tensor."""
   torch.manual_seed(0)
-  model = torchvision.models.vit_b_16(weights=None, image_size=image_size)
+  model = torchvision.models.get_model(builder, weights=None, image_size=image_size)
   with torch.no_grad():
     for p in model.parameters():
       p.add_(0.02 * torch.randn_like(p))
@@ -49,33 +50,68 @@ def _is_encoder_layer(module, method):
 
 @functools.partial(jax.jit, static_argnums=0)
 def _flax_tokens(model, variables, x):
-  logits, state = model.apply(variables, x, capture_intermediates=_is_encoder_layer,
-                              mutable=['intermediates'])
+  (logits, _), state = model.apply(variables, x, capture_intermediates=_is_encoder_layer,
+                                   mutable=['intermediates'])
   layers = state['intermediates']['encoder']['layers']
   return logits, [layers[f'encoder_layer_{i}']['__call__'][0] for i in range(len(layers))]
+
+
+def _torch_tokens(torch_model, x):
+  """torch's logits [B, C] and every encoder layer's output [B, N, D] for NHWC images x."""
+  tokens = {}
+  hooks = [layer.register_forward_hook(lambda m, i, out, n=n: tokens.__setitem__(n, out.numpy()))
+           for n, layer in enumerate(torch_model.encoder.layers)]
+  with torch.no_grad():
+    logits = torch_model(torch.from_numpy(x).permute(0, 3, 1, 2)).numpy()
+  for h in hooks:
+    h.remove()
+  return logits, [tokens[n] for n in range(len(tokens))]
+
+
+def _assert_matches_torch(torch_model, model, variables, x) -> float:
+  """Every encoder layer's tokens and the logits of Flax `model` within TOL of torch's
+  (eval mode) on NHWC images x; returns the logits' max abs diff."""
+  expected, expected_layers = _torch_tokens(torch_model, x)
+  logits, layers = _flax_tokens(model, variables, x)
+  assert len(layers) == len(expected_layers) == model.num_layers
+  for n, (got, want) in enumerate(zip(layers, expected_layers)):
+    diff = float(np.abs(np.asarray(got) - want).max())
+    print(f'encoder_layer_{n} {want.shape}: max abs diff {diff:.2e} '
+          f'(max abs {np.abs(want).max():.2f})')
+    assert got.shape == want.shape and diff < TOL, f'encoder_layer_{n}'
+  diff = float(np.abs(np.asarray(logits) - expected).max())
+  print(f'logits: max abs diff {diff:.2e} (max abs {np.abs(expected).max():.2f})')
+  assert diff < TOL
+  return diff
 
 
 def test_logits_and_every_encoder_layer_match_torchvision(torch_model, converted):
   variables, report = converted
   assert report.initialised == [] and report.dropped == []
   x = np.random.RandomState(0).randn(2, 224, 224, 3).astype(np.float32)
-  tokens = {}
-  hooks = [layer.register_forward_hook(lambda m, i, out, n=n: tokens.__setitem__(n, out.numpy()))
-           for n, layer in enumerate(torch_model.encoder.layers)]
-  with torch.no_grad():
-    expected = torch_model(torch.from_numpy(x).permute(0, 3, 1, 2)).numpy()
-  for h in hooks:
-    h.remove()
-  logits, layers = _flax_tokens(models.create('vit_b16'), variables, x)
-  assert len(layers) == len(tokens) == 12
-  for n, got in enumerate(layers):
-    diff = float(np.abs(np.asarray(got) - tokens[n]).max())
-    print(f'encoder_layer_{n} {tokens[n].shape}: max abs diff {diff:.2e} '
-          f'(max abs {np.abs(tokens[n]).max():.2f})')
-    assert got.shape == tokens[n].shape and diff < TOL, f'encoder_layer_{n}'
-  diff = float(np.abs(np.asarray(logits) - expected).max())
-  print(f'logits: max abs diff {diff:.2e} (max abs {np.abs(expected).max():.2f})')
-  assert diff < TOL
+  _assert_matches_torch(torch_model, models.create('vit_b16'), variables, x)
+
+
+@pytest.mark.parametrize('name, image_size', [('vit_b32', 64), ('vit_l16', 32)])
+def test_other_sizes_from_a_pth_match_torchvision(name, image_size, tmp_path):
+  """torchvision's vit_b_32 / vit_l_16 built for a small image (2x2 patches, so ViT-L's
+  300M parameters stay cheap), saved as a .pth, converted, round-tripped and compared."""
+  torch_model = _perturbed_torch_model(models.spec(name).torchvision, image_size)
+  state_dict = {k: v.numpy() for k, v in torch_model.state_dict().items()}
+  pth = tmp_path / f'{name}.pth'
+  torch.save(torch_model.state_dict(), pth)
+  variables, report = convert.torchvision_to_flax(name, str(pth), image_size=image_size)
+  assert report.initialised == [] and report.dropped == []
+  assert sum(np.size(v) for v in jax.tree.leaves(variables['params'])) == sum(
+      p.numel() for p in torch_model.parameters())
+  x = np.random.RandomState(0).randn(2, image_size, image_size, 3).astype(np.float32)
+  diff = _assert_matches_torch(torch_model, models.create(name, image_size=image_size),
+                               variables, x)
+  print(f'{name} at {image_size} px: logits max abs diff {diff:.2e}')
+  back = convert.flax_to_torchvision(name, variables, image_size=image_size)
+  assert sorted(back) == sorted(state_dict)
+  for k, v in back.items():
+    np.testing.assert_array_equal(v, state_dict[k], err_msg=k)
 
 
 def test_param_count_and_round_trip(state_dict, converted):
@@ -99,6 +135,15 @@ def test_legacy_mlp_keys_load(state_dict, converted):
   variables, report = convert.torchvision_to_flax('vit_b16', legacy)
   assert report.dropped == [] and report.initialised == []
   jax.tree.map(np.testing.assert_array_equal, variables, converted[0])
+
+
+def test_attention_rows_of_another_size_name_key_and_shapes():
+  """The q/k/v split reshapes to the model's shapes: an L/16 row into B/32 fails with one line."""
+  key = 'encoder.layers.encoder_layer_0.self_attention.in_proj_weight'
+  with pytest.raises(ValueError, match=re.escape(f"'{key}' has shape (3072, 1024) but the model "
+                                                 'expects (2304, 768)')):
+    convert.torchvision_to_flax('vit_b32', {key: np.zeros((3072, 1024), np.float32)},
+                                num_classes=10, allow_partial=True)
 
 
 def _torch_resize(pos, grid, align_corners):
@@ -136,7 +181,7 @@ def test_384_model_from_224_checkpoint_matches_torchvision_interpolation(state_d
   x = np.random.RandomState(1).randn(1, 384, 384, 3).astype(np.float32)
   with torch.no_grad():
     expected = torch_384(torch.from_numpy(x).permute(0, 3, 1, 2)).numpy()
-  logits = jax.jit(models.create('vit_b16', image_size=384).apply)(variables, x)
+  logits, _ = jax.jit(models.create('vit_b16', image_size=384).apply)(variables, x)
   diff = float(np.abs(np.asarray(logits) - expected).max())
   print(f'384x384 logits: max abs diff {diff:.2e} (max abs {np.abs(expected).max():.2f})')
   assert diff < TOL
@@ -152,13 +197,20 @@ def test_wrong_image_size_raises(converted):
                                                    np.zeros((1, 200, 200, 3), np.float32))
 
 
-def test_embedding_and_head_pattern(converted):
-  variables, _ = converted
-  x = np.zeros((1, 224, 224, 3), np.float32)
-  logits, emb = jax.eval_shape(functools.partial(models.create('vit_b16').apply,
-                                                 return_embedding=True), variables, x)
-  assert logits.shape == (1, 1000) and emb.shape == (1, 768)
-  assert models.HEAD_PATTERNS['vit_b16'] == r'^heads/'
+@pytest.mark.parametrize('name, torchvision_name, width', [('vit_b16', 'vit_b_16', 768),
+                                                           ('vit_b32', 'vit_b_32', 768),
+                                                           ('vit_l16', 'vit_l_16', 1024)])
+def test_pre_logits_head_pattern_and_no_weight_decay(name, torchvision_name, width):
+  model = models.create(name, num_classes=7)
+  x = jax.ShapeDtypeStruct((2, 224, 224, 3), np.float32)
+  variables = jax.eval_shape(model.init, jax.random.PRNGKey(0), x)
+  logits, out = jax.eval_shape(model.apply, variables, x)
+  assert (logits.shape, out['pre_logits'].shape) == ((2, 7), (2, width))
+  assert logits.dtype == out['pre_logits'].dtype == np.float32
+  spec = models.spec(name)
+  assert models.HEAD_PATTERNS[name] == spec.head == r'^heads/'
+  assert spec.no_weight_decay == vit.NO_WEIGHT_DECAY
+  assert spec.torchvision == torchvision_name
 
 
 def test_bfloat16_compute_keeps_float32_params():
@@ -166,7 +218,7 @@ def test_bfloat16_compute_keeps_float32_params():
   x = np.zeros((1, 224, 224, 3), np.float32)
   variables = jax.eval_shape(model.init, jax.random.PRNGKey(0), x)
   assert {v.dtype for v in jax.tree.leaves(variables)} == {np.dtype(np.float32)}
-  assert jax.eval_shape(model.apply, variables, x).dtype == np.float32
+  assert jax.eval_shape(model.apply, variables, x)[0].dtype == np.float32
 
 
 def _init_stats(values):

@@ -4,6 +4,10 @@
     model = models.create('resnet18', num_classes=102)
     models.names()               # ['resnet18', 'resnet34', ...]
     models.HEAD_PATTERNS[name]   # regex on param paths matching the classifier head
+    logits, out = model.apply(variables, x, train=False)  # x [B, H, W, 3]
+
+Every model returns `(logits [B, num_classes], {'pre_logits': [B, D]})`, both float32,
+pre_logits being the features the classifier head acts on (big_vision's convention).
 
 Each model file registers itself with `@registry.register(name, head=...)`; importing
 it below is all a new model needs.

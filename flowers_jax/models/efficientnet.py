@@ -15,8 +15,9 @@ Matches `torchvision.models.efficientnet_b0` (checked against torchvision 0.29's
 - BatchNorm: torch default `nn.BatchNorm2d` for B0 (eps 1e-5, momentum 0.1 -> Flax
   momentum 0.9); B5-B7 / V2 use eps 1e-3 but are not built here. Padding is explicit and
   symmetric ((k - 1) // 2), never 'SAME'.
-- Initialisers follow torchvision: kaiming-normal fan-out convs (bias 0), BN scale 1 /
-  bias 0, classifier U(-1/sqrt(num_classes), 1/sqrt(num_classes)) with bias 0.
+- Initialisers follow torchvision (`layers/torch_init.py`): kaiming-normal fan-out convs
+  (bias 0), BN scale 1 / bias 0, classifier U(-1/sqrt(num_classes), 1/sqrt(num_classes))
+  with bias 0.
 
 `attention` ('se' | 'eca' | 'eca_spatial', `layers/attention.py`) chooses the gate in
 the slot where torchvision's `SqueezeExcitation` sits, so every other parameter keeps
@@ -25,7 +26,10 @@ its torchvision name: a torchvision state_dict loads into an ECA model except th
 
 Flax paths mirror torch keys: ('features', '2', '0', 'block', '1', '0', 'kernel') is
 'features.2.0.block.1.0.weight' (stage 2, block 0, depthwise conv). 5,288,548
-parameters with 1000 classes; `return_embedding=True` also returns the pooled [B, 1280].
+parameters with 1000 classes.
+
+`model.apply(variables, x)` returns `(logits [B, num_classes], {'pre_logits': [B, 1280]})`,
+pre_logits the pooled features the classifier's dropout and Linear act on.
 
 Intermediate feature maps for parity tests: `apply(..., capture_intermediates=True,
 mutable=['intermediates'])` records `intermediates/features/{i}/__call__` for the stem
@@ -39,11 +43,11 @@ import functools
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from flowers_jax.models import registry
 from flowers_jax.models.layers import attention as attention_lib
+from flowers_jax.models.layers import torch_init
 from flowers_jax.models.layers.conv import conv_general_dilated
 from flowers_jax.models.layers.dropout import Dropout, stochastic_depth
 from flowers_jax.models.layers.norm import torch_batchnorm
@@ -66,7 +70,6 @@ STEM_CHANNELS = 32
 HEAD_CHANNELS = 1280
 
 ModuleDef = Callable[..., nn.Module]
-conv_kernel_init = attention_lib.conv_kernel_init
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,7 +121,7 @@ class ConvNormAct(nn.Module):
     pad = (self.kernel - 1) // 2
     x = nn.Conv(self.features, (self.kernel, self.kernel), strides=(self.stride,) * 2,
                 padding=((pad, pad), (pad, pad)), feature_group_count=self.groups,
-                use_bias=False, dtype=self.dtype, kernel_init=conv_kernel_init,
+                use_bias=False, dtype=self.dtype, kernel_init=torch_init.kaiming_normal_fan_out,
                 conv_general_dilated=conv_general_dilated, name='0')(x)
     x = self.norm(name='1')(x)
     return x if self.activation is None else self.activation(x)
@@ -199,12 +202,6 @@ class Features(nn.Module):
     return cna(HEAD_CHANNELS, 1, name=str(len(self.stages) + 1))(x)
 
 
-def classifier_kernel_init(key, shape, dtype=jnp.float32):
-  """torchvision EfficientNet Linear init: U(-1/sqrt(out_features), 1/sqrt(out_features))."""
-  bound = shape[-1] ** -0.5
-  return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-
 class Classifier(nn.Module):
   """torch `classifier = Sequential(Dropout, Linear)`: the Linear is '1'."""
   num_classes: int
@@ -215,8 +212,9 @@ class Classifier(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool = False):  # [B, D] -> [B, num_classes]
     x = Dropout(self.dropout, self.axis_name)(x, deterministic=not train)
-    return nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=classifier_kernel_init,
-                    name='1')(x)
+    # torchvision EfficientNet: U(+-1/sqrt(out_features)), bias 0.
+    return nn.Dense(self.num_classes, dtype=self.dtype,
+                    kernel_init=torch_init.uniform(self.num_classes ** -0.5), name='1')(x)
 
 
 class EfficientNet(nn.Module):
@@ -229,13 +227,15 @@ class EfficientNet(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, train: bool = False, *, bn_train: bool | None = None,
-               return_embedding: bool = False):
-    """[B, H, W, 3] -> logits [B, num_classes] (and embedding [B, 1280]), float32.
+  def __call__(self, x, train: bool = False, *, bn_train: bool | None = None):
+    """Classifies [B, H, W, 3] images.
 
     `train` switches dropout and stochastic depth (rng 'dropout', masks drawn for the global
     batch: the same numbers on any device count); `bn_train` (default `train`) uses batch
     statistics and updates 'batch_stats' (torch's unbiased running variance).
+
+    Returns:
+      (logits [B, num_classes], {'pre_logits': [B, 1280]}), both float32.
     """
     if self.attention not in ATTENTION_OPTIONS:
       raise ValueError(f'unknown attention={self.attention!r}; valid: {ATTENTION_OPTIONS}')
@@ -243,16 +243,14 @@ class EfficientNet(nn.Module):
     norm = torch_batchnorm(running=not bn_train, axis_name=self.bn_axis_name, dtype=self.dtype)
     x = Features(block_configs(STAGES, self.stochastic_depth), self.attention, norm,
                  self.dtype, self.bn_axis_name, name='features')(jnp.asarray(x, self.dtype), train)
-    embedding = jnp.mean(x, axis=(1, 2))  # AdaptiveAvgPool2d(1) + flatten: [B, 1280]
+    pre_logits = jnp.mean(x, axis=(1, 2))  # AdaptiveAvgPool2d(1) + flatten: [B, 1280]
     logits = Classifier(self.num_classes, self.dropout, self.dtype, self.bn_axis_name,
-                        name='classifier')(embedding, train).astype(jnp.float32)
-    if return_embedding:
-      return logits, embedding.astype(jnp.float32)
-    return logits
+                        name='classifier')(pre_logits, train)
+    return logits.astype(jnp.float32), {'pre_logits': pre_logits.astype(jnp.float32)}
 
 
 @registry.register('efficientnet_b0', head=HEAD)
 def efficientnet_b0(num_classes=1000, *, bn_axis_name=None, dtype=jnp.float32,
                     attention='se', dropout=0.2, stochastic_depth=0.2):
-  """torchvision efficientnet_b0; `attention` in ATTENTION_OPTIONS, embedding 1280."""
+  """torchvision efficientnet_b0; `attention` in ATTENTION_OPTIONS, pre_logits 1280."""
   return EfficientNet(num_classes, attention, dropout, stochastic_depth, bn_axis_name, dtype)

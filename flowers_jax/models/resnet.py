@@ -10,12 +10,13 @@ of a Bottleneck) so that converted torchvision weights give the same outputs:
 - submodule names mirror the torchvision state_dict keys, so the Flax path
   ('layer1', '0', 'conv1', 'kernel') is torch 'layer1.0.conv1.weight' and
   ('layer1', '0', 'downsample', '1', 'mean') is 'layer1.0.downsample.1.running_mean';
-- initialisers follow torchvision (Kaiming-normal fan-out convs, BN scale 1 / bias 0,
-  `nn.Linear`'s U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for `fc`), so a fresh head is
-  initialised like the torch code that replaces `model.fc`.
+- initialisers follow torchvision (`layers/torch_init.py`: Kaiming-normal fan-out convs,
+  BN scale 1 / bias 0, `nn.Linear`'s U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for `fc`), so a
+  fresh head is initialised like the torch code that replaces `model.fc`.
 
-ResNet-18 with 1000 classes has 11,689,512 parameters; `return_embedding=True` also
-returns the pooled features ([B, 512], [B, 2048] for ResNet-50).
+`model.apply(variables, x)` returns `(logits [B, num_classes], {'pre_logits': [B, D]})`,
+pre_logits the pooled features (D = 512; 2048 for ResNet-50). ResNet-18 with 1000 classes
+has 11,689,512 parameters.
 
 Intermediate feature maps for parity tests: `apply(..., capture_intermediates=True,
 mutable=['intermediates'])` records every submodule's output ('conv1', 'bn1',
@@ -47,12 +48,12 @@ import functools
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from flowers_jax.models import registry
 from flowers_jax.models.layers import deform as deform_layers
+from flowers_jax.models.layers import torch_init
 from flowers_jax.models.layers.conv import conv_general_dilated
 from flowers_jax.models.layers.norm import torch_batchnorm
 
@@ -62,21 +63,6 @@ DEFORM_OPTIONS = ('none', 'after_conv1', 'parallel_conv1', 'every_stage')
 DEFORM_INIT_OPTIONS = ('random', 'pretrained')
 
 ModuleDef = Callable[..., nn.Module]
-
-# torch: kaiming_normal_(mode='fan_out', nonlinearity='relu'), an untruncated normal.
-conv_kernel_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
-# torch nn.Linear: weight and bias both U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
-linear_kernel_init = nn.initializers.variance_scaling(1 / 3, 'fan_in', 'uniform')
-
-
-def linear_bias_init(fan_in: int):
-  """torch nn.Linear bias init, U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
-  bound = fan_in ** -0.5
-
-  def init(key, shape, dtype=jnp.float32):
-    return jax.random.uniform(key, shape, dtype, -bound, bound)
-  return init
-
 
 def identity_kernel_init(key, shape, dtype=jnp.float32):
   """[kh, kw, C, C] kernel of the identity conv: a delta at the centre tap."""
@@ -113,7 +99,8 @@ def conv(features: int, kernel: int, stride: int = 1, *, name: str,
   pad = kernel // 2
   return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
                  padding=((pad, pad), (pad, pad)), use_bias=False, dtype=dtype,
-                 kernel_init=conv_kernel_init, conv_general_dilated=conv_general_dilated,
+                 kernel_init=torch_init.kaiming_normal_fan_out,
+                 conv_general_dilated=conv_general_dilated,
                  name=name)
 
 
@@ -217,8 +204,8 @@ class ResNet(nn.Module):
     added to conv1 and starts at 0 (`torchvision_post_load` sets half of conv1).
     """
     if self.deform_init == 'random':  # torchvision.ops.DeformConv2d.reset_parameters
-      kernel_init = deform_layers.torch_conv_kernel_init
-      bias_init = deform_layers.torch_bias_init(kernel * kernel * x.shape[-1])
+      kernel_init = torch_init.kaiming_uniform_a_sqrt5
+      bias_init = torch_init.uniform_fan_in(kernel * kernel * x.shape[-1])
     else:
       kernel_init = identity_kernel_init if identity else nn.initializers.zeros
       bias_init = nn.initializers.zeros
@@ -241,12 +228,15 @@ class ResNet(nn.Module):
     return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
 
   @nn.compact
-  def __call__(self, x, train: bool = False, *, bn_train: bool | None = None,
-               return_embedding: bool = False):
-    """[B, H, W, 3] -> logits [B, num_classes] (and embedding [B, D]), float32.
+  def __call__(self, x, train: bool = False, *, bn_train: bool | None = None):
+    """Classifies [B, H, W, 3] images.
 
     `train` has no effect besides being the default of `bn_train` (ResNet has no
     dropout); `bn_train` uses batch statistics and updates 'batch_stats'.
+
+    Returns:
+      (logits [B, num_classes], {'pre_logits': [B, D]}), both float32; D is the
+      pooled width, 512 (ResNet-18/34) or 2048 (ResNet-50).
     """
     self._check_options()
     bn_train = train if bn_train is None else bn_train
@@ -260,19 +250,18 @@ class ResNet(nn.Module):
                 name=f'layer{i + 1}')(x)
       if self.deform == 'every_stage':
         x = self._deform(x, x.shape[-1], 3, 1, name=f'layer{i + 1}_deform', identity=True)
-    embedding = jnp.mean(x, axis=(1, 2))  # adaptive average pool to 1x1, flattened
-    logits = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=linear_kernel_init,
-                      bias_init=linear_bias_init(embedding.shape[-1]), name='fc')(embedding)
-    logits = logits.astype(jnp.float32)
-    if return_embedding:
-      return logits, embedding.astype(jnp.float32)
-    return logits
+    pre_logits = jnp.mean(x, axis=(1, 2))  # adaptive average pool to 1x1, flattened
+    logits = nn.Dense(self.num_classes, dtype=self.dtype,
+                      kernel_init=torch_init.kaiming_uniform_a_sqrt5,
+                      bias_init=torch_init.uniform_fan_in(pre_logits.shape[-1]),
+                      name='fc')(pre_logits)
+    return logits.astype(jnp.float32), {'pre_logits': pre_logits.astype(jnp.float32)}
 
 
 @registry.register('resnet18', head=HEAD, post_load=torchvision_post_load)
 def resnet18(num_classes=1000, *, bn_axis_name=None, dtype=jnp.float32,
              deform='none', deform_init='random'):
-  """torchvision resnet18: BasicBlocks [2, 2, 2, 2], embedding 512."""
+  """torchvision resnet18: BasicBlocks [2, 2, 2, 2], pre_logits 512."""
   return ResNet((2, 2, 2, 2), BasicBlock, num_classes, bn_axis_name, dtype, deform,
                 deform_init)
 
@@ -280,7 +269,7 @@ def resnet18(num_classes=1000, *, bn_axis_name=None, dtype=jnp.float32,
 @registry.register('resnet34', head=HEAD, post_load=torchvision_post_load)
 def resnet34(num_classes=1000, *, bn_axis_name=None, dtype=jnp.float32,
              deform='none', deform_init='random'):
-  """torchvision resnet34: BasicBlocks [3, 4, 6, 3], embedding 512."""
+  """torchvision resnet34: BasicBlocks [3, 4, 6, 3], pre_logits 512."""
   return ResNet((3, 4, 6, 3), BasicBlock, num_classes, bn_axis_name, dtype, deform,
                 deform_init)
 
@@ -288,6 +277,6 @@ def resnet34(num_classes=1000, *, bn_axis_name=None, dtype=jnp.float32,
 @registry.register('resnet50', head=HEAD, post_load=torchvision_post_load)
 def resnet50(num_classes=1000, *, bn_axis_name=None, dtype=jnp.float32,
              deform='none', deform_init='random'):
-  """torchvision resnet50: Bottlenecks [3, 4, 6, 3], embedding 2048."""
+  """torchvision resnet50: Bottlenecks [3, 4, 6, 3], pre_logits 2048."""
   return ResNet((3, 4, 6, 3), Bottleneck, num_classes, bn_axis_name, dtype, deform,
                 deform_init)

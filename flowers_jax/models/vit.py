@@ -1,30 +1,34 @@
-"""ViT-B/16, torchvision-exact, in Flax Linen (NHWC input).
+"""ViT-B/16, B/32 and L/16, torchvision-exact, in Flax Linen (NHWC input).
 
-Matches `torchvision.models.vit_b_16` (torchvision 0.29 `models/vision_transformer.py`):
+Matches `torchvision.models.vit_b_16` / `vit_b_32` / `vit_l_16` (torchvision 0.29
+`models/vision_transformer.py`); `SIZES` holds their patch size P, width D, depth L,
+heads H and MLP width. Shapes below for B/16 (P 16, D 768, L 12, H 12, MLP 3072) at 224 px:
 
-- `conv_proj`: 16x16/16 conv 3 -> 768 (with bias); the [B, 14, 14, 768] grid is
+- `conv_proj`: PxP/P conv 3 -> D (with bias); the [B, 14, 14, 768] grid is
   flattened row-major into 196 tokens, exactly torch's `reshape(n, 768, 196).permute`.
-- `class_token` [1, 1, 768] is concatenated *first*, then `encoder.pos_embedding`
+- `class_token` [1, 1, D] is concatenated *first*, then `encoder.pos_embedding`
   [1, 197, 768] is added, then dropout.
-- `encoder.layers.encoder_layer_{i}` (12 of them), pre-norm:
+- `encoder.layers.encoder_layer_{i}` (L of them), pre-norm:
   x = x + dropout(self_attention(ln_1(x))); x = x + mlp(ln_2(x)),
   mlp = Linear 768 -> 3072 ('0'), exact (erf) GELU, dropout, Linear 3072 -> 768 ('3'),
   dropout. LayerNorm eps 1e-6 everywhere, `encoder.ln` at the end; the class token's
-  output is the embedding [B, 768]; `heads.head` is the classifier.
-- `self_attention` is Flax `MultiHeadDotProductAttention` (12 heads of 64): its
+  output is pre_logits [B, D]; `heads.head` is the classifier.
+- `self_attention` is Flax `MultiHeadDotProductAttention` (H heads of D / H): its
   `query`/`key`/`value` kernels [768, 12, 64] and `out` kernel [12, 64, 768] come from
   torch's stacked `in_proj_weight` [2304, 768] / `out_proj.weight` [768, 768] through
-  the special conversion rows `TORCH_RULES` below (older state_dicts name the MLP
-  `mlp.linear_1` / `mlp.linear_2`: `TORCH_ALIASES`).
+  the special conversion rows `TORCH_RULES` below, which take every size from the arrays
+  and the model's shapes (older state_dicts name the MLP `mlp.linear_1` / `mlp.linear_2`:
+  `TORCH_ALIASES`).
 - Initialisers follow torchvision where it sets them: pos_embedding N(0, 0.02),
   class_token 0, MLP xavier-uniform with N(0, 1e-6) biases, `heads.head` zeros,
   conv_proj N(0, 1/fan_in) truncated at +-2 (absolute, as torch's trunc_normal_), q/k/v
-  xavier-uniform over torch's stacked [2304, 768] in_proj, out_proj nn.Linear's default
-  U(+-1/sqrt(768)), attention biases 0.
+  xavier-uniform over torch's stacked [3D, D] in_proj, out_proj nn.Linear's default
+  U(+-1/sqrt(D)) (`layers/torch_init.py`), attention biases 0.
 
-86,567,656 parameters with 1000 classes.
+`model.apply(variables, x)` returns `(logits [B, num_classes], {'pre_logits': [B, D]})`.
+Parameters with 1000 classes: B/16 86,567,656; B/32 88,224,232; L/16 304,326,632.
 
-Image size: the model is built for one `image_size` (a multiple of 16; default 224)
+Image size: the model is built for one `image_size` (a multiple of P; default 224)
 and raises a ValueError for any other input size. A checkpoint trained at another size
 (e.g. torchvision's 224 weights into `image_size=384`) is loaded by resizing its
 position embedding: `resize_pos_embedding` keeps the class-token row and bicubically
@@ -40,6 +44,7 @@ __call__` ([B, 197, 768]).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -48,14 +53,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from flowers_jax.models import registry
+from flowers_jax.models.layers import torch_init
 from flowers_jax.models.layers.dropout import Dropout
 
 HEAD = r'^heads/'
-PATCH_SIZE = 16
-HIDDEN = 768
-NUM_LAYERS = 12
-NUM_HEADS = 12
-MLP_DIM = 3072
 LN_EPS = 1e-6
 # Exempt from weight decay besides biases and norm scales (torchvision's ViT recipe:
 # references/classification/train.py --transformer-embedding-decay 0).
@@ -105,7 +106,7 @@ class EncoderBlock(nn.Module):
         # torch MHA: q/k/v xavier-uniform over the stacked [3D, D] in_proj, i.e. half the
         # variance of a [D, D] xavier; out_proj nn.Linear's U(+-1/sqrt(D)); biases 0.
         kernel_init=nn.initializers.variance_scaling(0.5, 'fan_avg', 'uniform'),
-        out_kernel_init=nn.initializers.variance_scaling(1 / 3, 'fan_in', 'uniform'),
+        out_kernel_init=torch_init.kaiming_uniform_a_sqrt5,
         name='self_attention')(
             y, y, deterministic=not train)
     x = x + Dropout(self.dropout, self.axis_name)(y, deterministic=not train)
@@ -162,13 +163,13 @@ class Heads(nn.Module):
 
 class VisionTransformer(nn.Module):
   """torchvision VisionTransformer (no representation layer, no conv stem)."""
-  num_classes: int = 1000
-  image_size: int = 224
-  patch_size: int = PATCH_SIZE
-  hidden_dim: int = HIDDEN
-  num_layers: int = NUM_LAYERS
-  num_heads: int = NUM_HEADS
-  mlp_dim: int = MLP_DIM
+  num_classes: int
+  image_size: int
+  patch_size: int
+  hidden_dim: int
+  num_layers: int
+  num_heads: int
+  mlp_dim: int
   dropout: float = 0.0
   attention_dropout: float = 0.0
   bn_axis_name: str | None = None  # pmap batch axis (dropout masks for the global batch)
@@ -187,11 +188,14 @@ class VisionTransformer(nn.Module):
           'is resized on conversion)')
 
   @nn.compact
-  def __call__(self, x, train: bool = False, *, bn_train: bool | None = None,
-               return_embedding: bool = False):
-    """[B, S, S, 3] -> logits [B, num_classes] (and embedding [B, 768]), float32.
+  def __call__(self, x, train: bool = False, *, bn_train: bool | None = None):
+    """Classifies [B, S, S, 3] images, S = `image_size`.
 
     `train` switches dropout (rng 'dropout'); `bn_train` is accepted and ignored.
+
+    Returns:
+      (logits [B, num_classes], {'pre_logits': [B, hidden_dim]}), both float32;
+      pre_logits is the class token's output of `encoder.ln`.
     """
     del bn_train  # no BatchNorm
     self._check_input(x)
@@ -199,18 +203,16 @@ class VisionTransformer(nn.Module):
     x = nn.Conv(self.hidden_dim, (self.patch_size,) * 2, strides=(self.patch_size,) * 2,
                 padding='VALID', dtype=self.dtype,
                 kernel_init=nn.initializers.truncated_normal(std, lower=-2 / std, upper=2 / std),
-                name='conv_proj')(jnp.asarray(x, self.dtype))  # [B, S/16, S/16, D]
+                name='conv_proj')(jnp.asarray(x, self.dtype))  # [B, S/P, S/P, D]
     b, h, w, d = x.shape
     x = x.reshape(b, h * w, d)                                  # [B, N, D], row-major
     cls = self.param('class_token', nn.initializers.zeros, (1, 1, d))
     x = jnp.concatenate([jnp.broadcast_to(jnp.asarray(cls, x.dtype), (b, 1, d)), x], axis=1)
     x = Encoder(self.num_layers, self.num_heads, self.mlp_dim, self.dropout,
                 self.attention_dropout, self.dtype, self.bn_axis_name, name='encoder')(x, train)
-    embedding = x[:, 0]                                          # class token, [B, D]
-    logits = Heads(self.num_classes, self.dtype, name='heads')(embedding).astype(jnp.float32)
-    if return_embedding:
-      return logits, embedding.astype(jnp.float32)
-    return logits
+    pre_logits = x[:, 0]                                         # class token, [B, D]
+    logits = Heads(self.num_classes, self.dtype, name='heads')(pre_logits)
+    return logits.astype(jnp.float32), {'pre_logits': pre_logits.astype(jnp.float32)}
 
 
 # ---------------------------------------------------------------------------------------
@@ -268,31 +270,32 @@ def resize_pos_embedding(pos: np.ndarray, target_shape, *, align_corners: bool =
 # Special rows of the torchvision <-> Flax table (convert.py applies the generic rules
 # to everything else: conv_proj, ln_*, mlp.*, encoder.ln, heads.head).
 
-_HEAD_DIM = HIDDEN // NUM_HEADS
+# Sizes come from the arrays: torch's [3D, D] / [D, D] / [3D] and the model's Flax shapes
+# (`target_shapes`: [D, H, D/H] q/k/v kernels, [H, D/H] biases, [H, D/H, D] out kernel).
 
 
-def _split_qkv_kernel(w):  # torch in_proj_weight [3D, D] -> 3 x [D, H, D/H]
-  return tuple(m.T.reshape(HIDDEN, NUM_HEADS, _HEAD_DIM) for m in np.split(w, 3))
+def _split_qkv_kernel(w, *, target_shapes):  # torch in_proj_weight [3D, D] -> 3 x [D, H, D/H]
+  return tuple(m.T.reshape(shape) for m, shape in zip(np.split(w, 3), target_shapes))
 
 
 def _merge_qkv_kernel(q, k, v):  # 3 x [D, H, D/H] -> [3D, D]
-  return np.concatenate([m.reshape(HIDDEN, HIDDEN).T for m in (q, k, v)])
+  return np.concatenate([m.reshape(m.shape[0], -1).T for m in (q, k, v)])
 
 
-def _split_qkv_bias(b):  # [3D] -> 3 x [H, D/H]
-  return tuple(m.reshape(NUM_HEADS, _HEAD_DIM) for m in np.split(b, 3))
+def _split_qkv_bias(b, *, target_shapes):  # in_proj_bias [3D] -> 3 x [H, D/H]
+  return tuple(m.reshape(shape) for m, shape in zip(np.split(b, 3), target_shapes))
 
 
 def _merge_qkv_bias(q, k, v):  # 3 x [H, D/H] -> [3D]
-  return np.concatenate([m.reshape(HIDDEN) for m in (q, k, v)])
+  return np.concatenate([m.reshape(-1) for m in (q, k, v)])
 
 
-def _out_kernel_to_flax(w):  # out_proj.weight [D, D] (out, in) -> [H, D/H, D]
-  return w.T.reshape(NUM_HEADS, _HEAD_DIM, HIDDEN)
+def _out_kernel_to_flax(w, *, target_shapes):  # out_proj.weight [D, D] (out, in) -> [H, D/H, D]
+  return w.T.reshape(target_shapes[0])
 
 
 def _out_kernel_to_torch(k):  # [H, D/H, D] -> [D, D] (out, in)
-  return k.reshape(HIDDEN, HIDDEN).T
+  return k.reshape(-1, k.shape[-1]).T
 
 
 def _pos_embedding_to_flax(pos, *, target_shapes=None):
@@ -320,11 +323,47 @@ TORCH_RULES = (
 TORCH_ALIASES = ((r'\.mlp\.linear_1\.', '.mlp.0.'), (r'\.mlp\.linear_2\.', '.mlp.3.'))
 
 
-@registry.register('vit_b16', head=HEAD, torchvision='vit_b_16',
-                   torch_rules=TORCH_RULES, torch_aliases=TORCH_ALIASES,
-                   no_weight_decay=NO_WEIGHT_DECAY)
-def vit_b16(num_classes=1000, *, bn_axis_name=None, dtype=jnp.float32,
-            image_size=224, dropout=0.0):
-  """torchvision vit_b_16 for `image_size` x `image_size` inputs, embedding 768."""
-  return VisionTransformer(num_classes, image_size, dropout=dropout,
-                           bn_axis_name=bn_axis_name, dtype=dtype)
+# ---------------------------------------------------------------------------------------
+# The registered models: torchvision's `vit_*` builders.
+
+
+@dataclasses.dataclass(frozen=True)
+class Size:
+  """A ViT's shape: patch size P, width D, depth L, heads H, MLP width."""
+  patch_size: int
+  hidden_dim: int
+  num_layers: int
+  num_heads: int
+  mlp_dim: int
+
+
+SIZES = {  # torchvision name -> its `_vision_transformer(...)` arguments
+    'vit_b_16': Size(patch_size=16, hidden_dim=768, num_layers=12, num_heads=12, mlp_dim=3072),
+    'vit_b_32': Size(patch_size=32, hidden_dim=768, num_layers=12, num_heads=12, mlp_dim=3072),
+    'vit_l_16': Size(patch_size=16, hidden_dim=1024, num_layers=24, num_heads=16, mlp_dim=4096),
+}
+
+
+def register(name: str, torchvision: str):
+  """Registers torchvision's ViT `torchvision` (a key of `SIZES`) as `name`; returns its factory.
+
+  The factory takes `image_size` (a multiple of the patch size) and `dropout` as options
+  and builds a `VisionTransformer` whose pre_logits are [B, D].
+  """
+  size = SIZES[torchvision]
+
+  def factory(num_classes=1000, *, bn_axis_name=None, dtype=jnp.float32,
+              image_size=224, dropout=0.0):
+    return VisionTransformer(num_classes, image_size, **dataclasses.asdict(size),
+                             dropout=dropout, bn_axis_name=bn_axis_name, dtype=dtype)
+
+  factory.__name__ = factory.__qualname__ = name
+  factory.__doc__ = (f'torchvision {torchvision} ({size}) for [B, image_size, image_size, 3] '
+                     f'inputs; pre_logits [B, {size.hidden_dim}].')
+  return registry.register(name, head=HEAD, torchvision=torchvision, torch_rules=TORCH_RULES,
+                           torch_aliases=TORCH_ALIASES, no_weight_decay=NO_WEIGHT_DECAY)(factory)
+
+
+vit_b16 = register('vit_b16', torchvision='vit_b_16')
+vit_b32 = register('vit_b32', torchvision='vit_b_32')
+vit_l16 = register('vit_l16', torchvision='vit_l_16')

@@ -14,13 +14,14 @@ constructor `(block_input_channels, dtype, name) -> nn.Module`.
   the channel axis (kernel k = `eca_kernel_size(C)`, zero padding (k-1)/2, no
   bias) -> sigmoid -> scale. One parameter, `conv/kernel [k, 1, 1]` (torch
   `nn.Conv1d(1, 1, k)` as in timm's `EcaModule`: `conv.weight [1, 1, k]`).
-  Initialised like torch's default Conv1d init, U(-1/sqrt(k), 1/sqrt(k)).
+  Initialised like torch's default Conv1d init, U(-1/sqrt(k), 1/sqrt(k))
+  (`torch_init.kaiming_uniform_a_sqrt5`).
 - `'eca_spatial'`: ECA (`eca/...`) followed by a CBAM-style spatial gate
   (`spatial/...`, Woo et al. 2018): concat [channel-mean, channel-max] maps
   `[B, H, W, 2]` -> 7x7 conv (padding 3, bias) -> sigmoid -> scale. The spatial
-  conv is initialised like every torchvision EfficientNet conv (kaiming normal,
-  fan_out; bias 0), i.e. the gate starts random around sigmoid(0) = 0.5, not
-  neutral; fine-tuning learns it.
+  conv is initialised like every torchvision EfficientNet conv
+  (`torch_init.kaiming_normal_fan_out`; bias 0), i.e. the gate starts random
+  around sigmoid(0) = 0.5, not neutral; fine-tuning learns it.
 """
 
 from __future__ import annotations
@@ -31,10 +32,9 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax.numpy as jnp
 
-Dtype = Any
+from flowers_jax.models.layers import torch_init
 
-# torchvision EfficientNet initialises every Conv2d with kaiming_normal_(mode='fan_out').
-conv_kernel_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
+Dtype = Any
 
 
 def eca_kernel_size(channels: int, gamma: int = 2, b: int = 1) -> int:
@@ -49,12 +49,6 @@ def eca_kernel_size(channels: int, gamma: int = 2, b: int = 1) -> int:
   return t if t % 2 else t + 1
 
 
-def _torch_conv1d_init(key, shape, dtype=jnp.float32):
-  """torch's default Conv1d weight init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)); shape [k, in, out]."""
-  bound = 1.0 / math.sqrt(shape[0] * shape[1])
-  return nn.initializers.uniform(2 * bound)(key, shape, dtype) - bound
-
-
 class SqueezeExcitation(nn.Module):
   """torchvision `SqueezeExcitation` with SiLU: `[B, H, W, C] -> [B, H, W, C]`."""
   squeeze_channels: int
@@ -65,7 +59,7 @@ class SqueezeExcitation(nn.Module):
     channels = x.shape[-1]
     conv = lambda features, name: nn.Conv(
         features, (1, 1), use_bias=True, dtype=self.dtype,
-        kernel_init=conv_kernel_init, name=name)
+        kernel_init=torch_init.kaiming_normal_fan_out, name=name)
     s = jnp.mean(x, axis=(1, 2), keepdims=True)              # [B, 1, 1, C]
     s = nn.silu(conv(self.squeeze_channels, 'fc1')(s))       # [B, 1, 1, S]
     s = nn.sigmoid(conv(channels, 'fc2')(s))                 # [B, 1, 1, C]
@@ -83,7 +77,7 @@ class EfficientChannelAttention(nn.Module):
     pad = (k - 1) // 2
     y = jnp.mean(x, axis=(1, 2))[..., None]                  # [B, C, 1]: length C, 1 feature
     y = nn.Conv(1, (k,), padding=((pad, pad),), use_bias=False, dtype=self.dtype,
-                kernel_init=_torch_conv1d_init, name='conv')(y)  # [B, C, 1]
+                kernel_init=torch_init.kaiming_uniform_a_sqrt5, name='conv')(y)  # [B, C, 1]
     return x * nn.sigmoid(y[..., 0])[:, None, None, :]       # gate [B, 1, 1, C]
 
 
@@ -98,8 +92,8 @@ class SpatialGate(nn.Module):
     maps = jnp.concatenate([jnp.mean(x, axis=-1, keepdims=True),
                             jnp.max(x, axis=-1, keepdims=True)], axis=-1)  # [B, H, W, 2]
     s = nn.Conv(1, (self.kernel_size,) * 2, padding=((pad, pad), (pad, pad)),
-                use_bias=True, dtype=self.dtype, kernel_init=conv_kernel_init,
-                name='conv')(maps)                          # [B, H, W, 1]
+                use_bias=True, dtype=self.dtype,
+                kernel_init=torch_init.kaiming_normal_fan_out, name='conv')(maps)  # [B, H, W, 1]
     return x * nn.sigmoid(s)
 
 

@@ -32,25 +32,15 @@ einsum with the kernel. No loops over pixels; peak memory a few times the column
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, NamedTuple, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from flowers_jax.models.layers import torch_init
+
 IntOrPair = int | Sequence[int]
-
-# torch.nn.Conv2d's default init (kaiming_uniform with a=sqrt(5)): U(+-1/sqrt(fan_in)).
-torch_conv_kernel_init = nn.initializers.variance_scaling(1 / 3, 'fan_in', 'uniform')
-
-
-def torch_bias_init(fan_in: int) -> Callable[..., Any]:
-  """torch.nn.Conv2d's default bias init U(+-1/sqrt(fan_in)), fan_in = kh*kw*C_in/groups."""
-  bound = 1 / math.sqrt(fan_in)
-  return lambda key, shape, dtype=jnp.float32: jax.random.uniform(
-      key, shape, dtype, -bound, bound)
-
 
 def _pair(value: IntOrPair, name: str) -> tuple[int, int]:
   pair = (value, value) if isinstance(value, int) else tuple(value)
@@ -261,7 +251,7 @@ class DeformConv(nn.Module):
   feature_group_count: int = 1
   use_mask: bool = False
   use_bias: bool = True
-  kernel_init: Callable[..., Any] = torch_conv_kernel_init
+  kernel_init: Callable[..., Any] = torch_init.kaiming_uniform_a_sqrt5
   bias_init: Callable[..., Any] = nn.initializers.zeros
   dtype: Any = None
   param_dtype: Any = jnp.float32
