@@ -33,4 +33,4 @@ def get_config(arg=None):
   c.optim.lr = 2e-3
   c.optim.weight_decay = 0.05
   c.optim.warmup_steps = 10
-  return select_variant(c, arg or 'default', VARIANTS)
+  return select_variant(c, arg, VARIANTS, default='default')

@@ -1,7 +1,8 @@
 r"""EfficientNet-B0 on Flowers102: the study's baselines and SE -> ECA attention.
 
   python -m flowers_jax.main --config configs/efficientnet_b0.py:eca --workdir runs/effnet_eca \
-      --config.data.dir=~/flowers102 --config.init.torchvision=efficientnet_b0_rwightman-7f5810bc.pth
+      --config.data.dir=~/flowers102 \
+      --config.init.torchvision=efficientnet_b0_rwightman-7f5810bc.pth
 
 Variants:
   frozen       backbone frozen, only `classifier` trains (baseline 1)

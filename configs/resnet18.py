@@ -1,6 +1,7 @@
 r"""ResNet18 on Flowers102: the study's two baselines and its deformable-convolution variants.
 
-  python -m flowers_jax.main --config configs/resnet18.py:finetune --workdir runs/resnet18_finetune \
+  python -m flowers_jax.main --config configs/resnet18.py:finetune \
+      --workdir runs/resnet18_finetune \
       --config.data.dir=~/flowers102 --config.init.torchvision=resnet18-f37072fd.pth
 
 Variants:
@@ -12,6 +13,11 @@ Variants:
   <deform variant>_pretrained_init   the study's proposed fix: deformable layers start as the
                          identity / as half of the pretrained conv1, so step 0 equals ResNet18
   strong                 a published transfer recipe, aiming to beat every number of the study
+
+Args (`ARGS`), alone or after a variant: `deform=none|after_conv1|parallel_conv1|every_stage`,
+`init=random|pretrained` (the deformable layers' init). `:deform=parallel_conv1,init=pretrained`
+gives the config of `:deform_parallel_conv1_pretrained_init` (`config.variant` reads
+`finetune_deform-parallel_conv1_init-pretrained`).
 
 Recipes. The study says only: torchvision ImageNet weights, 224 px, frozen = only the last layer
 trains, deformable layers randomly initialised (torchvision.ops.deform_conv2d). Everything else
@@ -39,14 +45,18 @@ together (linear scaling).
 from flowers_jax.config import base_config, select_variant
 
 DEFORM = ('after_conv1', 'parallel_conv1', 'every_stage')
+ARGS = {
+    'deform': {d: {'model.deform': d} for d in ('none',) + DEFORM},
+    'init': {i: {'model.deform_init': i} for i in ('random', 'pretrained')},
+}
 VARIANTS = {
     # BatchNorm 'batch': the torch recipe the study's PyTorch code implies (backbone
     # requires_grad=False, model.train() while training: batch statistics, running ones
     # updated). --config.train.batchnorm=running gives a strict linear probe instead.
     'frozen': {'train.freeze': 'backbone', 'train.batchnorm': 'batch', 'optim.lr': 0.05},
     'finetune': {},
-    **{f'deform_{d}': {'model.deform': d} for d in DEFORM},
-    **{f'deform_{d}_pretrained_init': {'model.deform': d, 'model.deform_init': 'pretrained'}
+    **{f'deform_{d}': ARGS['deform'][d] for d in DEFORM},
+    **{f'deform_{d}_pretrained_init': {**ARGS['deform'][d], **ARGS['init']['pretrained']}
        for d in DEFORM},
     'strong': {'data.image_size': 384, 'train.batch_size': 512, 'train.eval_batch_size': 256,
                'train.epochs': 500, 'train.dtype': 'bfloat16', 'optim.name': 'sgd',
@@ -62,4 +72,4 @@ def get_config(arg=None):
   c.model.deform = 'none'
   c.model.deform_init = 'random'
   c.optim.lr = 0.01
-  return select_variant(c, arg, VARIANTS)
+  return select_variant(c, arg, VARIANTS, **ARGS)

@@ -1,111 +1,199 @@
-"""The base config every experiment starts from, and the variant helpers.
+"""The base config every experiment starts from, and the `:arg` of a config file.
 
-`configs/<model>.py` files build on `base_config()`: they set their model's keys and pick a
-variant from the `:arg` of `--config configs/<model>.py:<arg>` with `select_variant`. The config
-owns every default: code reads `config.a.b` and never supplies its own fallback, so
-`--config.a.b=value` is the one knob. The keys other tools rely on are listed in
-docs/architecture.md.
+`BASE` holds every key with its default as plain data (importable without ml_collections:
+scripts/benchmarks builds its namespaces from it); `base_config()` wraps it in a ConfigDict.
+`configs/<model>.py` files build on `base_config()`: they set their model's keys and apply the
+`:arg` of `--config configs/<model>.py:<arg>` with `select_variant`. The config owns every
+default: code reads `config.a.b` and never supplies its own fallback, so `--config.a.b=value`
+is the one knob. The keys other tools rely on are listed in docs/architecture.md.
+
+An `:arg` is a named variant, `name=value` args, or both (big_vision's `parse_arg` style):
+
+    configs/resnet18.py:frozen
+    configs/resnet18.py:deform=parallel_conv1,init=pretrained
+    configs/resnet18.py:frozen,deform=after_conv1
+
+To add a variant, add `'name': {'dotted.key': value, ...}` to the config file's `VARIANTS`
+(keys must exist in `BASE` or be set by that file's `get_config`); to add an arg, add
+`name={value: {'dotted.key': value}}` to its `select_variant(...)` call.
 """
 
-import ml_collections
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+BASE: dict[str, Any] = {
+    'seed': 0,
+    'parallel': 'pmap',  # 'pmap' | 'sharded' (jit over a Mesh)
+    # The config file's variant and args (`select_variant`); names the run (scripts/report.py).
+    'variant': '',
+    'model': {
+        'name': 'resnet18',
+        'num_classes': 102,
+        # Every other key is a model option (`models.spec(name).options`), set by the model's
+        # config file, e.g. ResNet's 'deform', ViT's 'image_size'.
+    },
+    'init': {
+        'torchvision': '',  # .pth state_dict or converted checkpoint dir; '' = random init
+        'allow_partial': False,  # True: load a state_dict that covers only part of the backbone
+    },
+    'data': {
+        'source': 'folder',  # 'tfds' | 'folder' | 'imagefolder'
+        'dir': '',
+        'image_size': 224,
+        # Preprocessing (flowers_jax/data/pp.py): a preset name or a '|'-separated string of
+        # ops, e.g. 'random_resized_crop|flip_lr'. Presets: pp_train 'rrc_flip' | 'flip' |
+        # 'none', pp_eval 'center_crop' (resize the short side to eval_resize, center crop
+        # image_size).
+        'pp_train': 'rrc_flip',
+        'pp_eval': 'center_crop',
+        'eval_resize': 0,  # 0: round(image_size * 256 / 224)
+        'interpolation': 'bilinear',
+        'skip_corrupt': False,
+        'cache': True,
+        'threads': 0,  # 0: tf.data AUTOTUNE
+        'prefetch': 2,
+    },
+    'train': {
+        'epochs': 20,
+        'batch_size': 32,  # global batch, split over hosts and devices
+        'eval_batch_size': 64,
+        'freeze': 'none',  # 'none' | 'backbone' | comma-separated regexes on param paths
+        # BatchNorm during training: 'batch' = batch statistics, running ones updated (torch
+        # `model.train()`, also for frozen layers: the usual `requires_grad=False` recipe);
+        # 'running' = running statistics, never updated (torch `eval()` for BN: a true linear
+        # probe); 'auto' = 'running' when train.freeze='backbone', else 'batch'.
+        'batchnorm': 'auto',
+        'loss': 'ce',  # 'ce' | 'tcel' | 'triplet' | 'tcel_hard'
+        'label_smoothing': 0.0,
+        'triplet_margin': 1.0,
+        'triplet_weight': 1.0,
+        'pk_k': 4,  # images per class in P x K batches (loss 'tcel_hard')
+        'dtype': 'float32',  # 'float32' | 'bfloat16' (compute dtype; params stay float32)
+        'log_every': 10,  # steps between progress lines
+        'max_steps_per_epoch': 0,  # 0: full epochs; >0 truncates (smoke tests)
+        'checkpoint': True,
+    },
+    'optim': {
+        'name': 'sgd',  # 'sgd' | 'adamw'
+        'lr': 0.01,
+        'momentum': 0.9,  # sgd; 0: plain SGD
+        'nesterov': False,  # sgd
+        'b1': 0.9,  # adamw
+        'b2': 0.999,  # adamw
+        'eps': 1e-8,  # adamw (torch AdamW's and optax's default)
+        'weight_decay': 1e-4,
+        'schedule': 'cosine',  # 'constant' | 'step' | 'cosine'
+        'warmup_steps': 0,
+        'step_boundaries': (0.5, 0.75),  # 'step': fractions of the run
+        'step_factor': 0.1,  # 'step': lr multiplier at each boundary
+        'clip_norm': 0.0,  # global-norm gradient clipping; 0: off
+        'decay_norm_and_bias': False,  # True: weight decay on 1-D params too
+    },
+    # Evaluators (flowers_jax/evaluators.py), run on validation each epoch and on test at the
+    # best checkpoint: 'classification' (top-1/top-5/loss, per-class accuracy, confusion
+    # matrix), 'embedding' (k-NN accuracy and recall@1/5 of the pre-logit embedding against the
+    # train split).
+    'evals': {
+        'names': 'classification',  # comma-separated
+        'knn_k': 10,  # 'embedding': neighbours that vote in the k-NN accuracy
+    },
+    'distributed': {
+        'coordinator_address': '',  # 'host:port', or 'auto' (TPU pods, SLURM); '' = one host
+        'num_processes': 1,
+        'process_id': 0,
+    },
+}
+
+Overrides = Mapping[str, Any]  # dotted key -> value
 
 
-
-def base_config() -> ml_collections.ConfigDict:
-  """Every key of every experiment, with its default."""
-  c = ml_collections.ConfigDict()
-  c.seed = 0
-  c.parallel = 'pmap'  # 'pmap' | 'sharded' (jit over a Mesh)
-
-  c.model = ml_collections.ConfigDict()
-  c.model.name = 'resnet18'
-  c.model.num_classes = 102
-
-  c.init = ml_collections.ConfigDict()
-  c.init.torchvision = ''  # .pth state_dict or converted checkpoint dir; '' = random init
-  c.init.allow_partial = False  # True: load a state_dict that covers only part of the backbone
-
-  c.data = ml_collections.ConfigDict()
-  c.data.source = 'folder'  # 'tfds' | 'folder' | 'imagefolder'
-  c.data.dir = ''
-  c.data.image_size = 224
-  # Preprocessing (flowers_jax/data/pp.py): a preset name or a '|'-separated string of ops,
-  # e.g. 'random_resized_crop|flip_lr'. Presets: pp_train 'rrc_flip' | 'flip' | 'none',
-  # pp_eval 'center_crop' (resize the short side to eval_resize, center crop image_size).
-  c.data.pp_train = 'rrc_flip'
-  c.data.pp_eval = 'center_crop'
-  c.data.eval_resize = 0  # 0: round(image_size * 256 / 224)
-  c.data.interpolation = 'bilinear'
-  c.data.skip_corrupt = False
-  c.data.cache = True
-  c.data.threads = 0  # 0: tf.data AUTOTUNE
-  c.data.prefetch = 2
-
-  c.train = ml_collections.ConfigDict()
-  c.train.epochs = 20
-  c.train.batch_size = 32  # global batch, split over hosts and devices
-  c.train.eval_batch_size = 64
-  c.train.freeze = 'none'  # 'none' | 'backbone' | comma-separated regexes on param paths
-  # BatchNorm during training: 'batch' = batch statistics, running ones updated (torch
-  # `model.train()`, also for frozen layers: the usual `requires_grad=False` recipe);
-  # 'running' = running statistics, never updated (torch `eval()` for BN: a true linear probe);
-  # 'auto' = 'running' when train.freeze='backbone', else 'batch'.
-  c.train.batchnorm = 'auto'
-  c.train.loss = 'ce'  # 'ce' | 'tcel' | 'triplet' | 'tcel_hard'
-  c.train.label_smoothing = 0.0
-  c.train.triplet_margin = 1.0
-  c.train.triplet_weight = 1.0
-  c.train.pk_k = 4  # images per class in P x K batches (loss 'tcel_hard')
-  c.train.dtype = 'float32'  # 'float32' | 'bfloat16' (compute dtype; params stay float32)
-  c.train.log_every = 10  # steps between progress lines
-  c.train.max_steps_per_epoch = 0  # 0: full epochs; >0 truncates (smoke tests)
-  c.train.checkpoint = True
-
-  c.optim = ml_collections.ConfigDict()
-  c.optim.name = 'sgd'  # 'sgd' | 'adamw'
-  c.optim.lr = 0.01
-  c.optim.momentum = 0.9
-  c.optim.nesterov = False
-  c.optim.b1 = 0.9
-  c.optim.b2 = 0.999
-  c.optim.weight_decay = 1e-4
-  c.optim.schedule = 'cosine'  # 'constant' | 'step' | 'cosine'
-  c.optim.warmup_steps = 0
-  c.optim.step_boundaries = (0.5, 0.75)
-  c.optim.step_factor = 0.1
-  c.optim.clip_norm = 0.0
-  c.optim.decay_norm_and_bias = False
-
-  # Evaluators (flowers_jax/evaluators.py), run on validation each epoch and on test at the
-  # best checkpoint: 'classification' (top-1/top-5/loss, per-class accuracy, confusion matrix),
-  # 'embedding' (k-NN accuracy and recall@1/5 of the pre-logit embedding against the train split).
-  c.evals = ml_collections.ConfigDict()
-  c.evals.names = 'classification'  # comma-separated
-  c.evals.knn_k = 10  # 'embedding': neighbours that vote in the k-NN accuracy
-
-  c.distributed = ml_collections.ConfigDict()
-  c.distributed.coordinator_address = ''  # 'host:port', or 'auto' (TPU pods, SLURM); '' = one host
-  c.distributed.num_processes = 1
-  c.distributed.process_id = 0
-  return c
+class ConfigError(ValueError):
+  """A config file, `:arg`, key or value that is not valid; the message is one line."""
 
 
-def select_variant(config, arg, variants):
-  """Applies `variants[arg]` (a dict of dotted key -> value) to `config`.
+def base_config():
+  """`BASE` as an `ml_collections.ConfigDict`: every key of every experiment, with its default."""
+  import ml_collections
+  return ml_collections.ConfigDict(BASE)
 
-  Raises ValueError naming the valid variants when `arg` is unknown.
+
+def parse_arg(arg: str | None, **choices) -> dict[str, str]:
+  """Splits a config file's `:arg` into `{name: value}`, checked against `choices`.
+
+    parse_arg('frozen', variant=V, deform=D)                 -> {'variant': 'frozen'}
+    parse_arg('deform=after_conv1,init=pretrained', ...)     -> {'deform': ..., 'init': ...}
+
+  A bare value (no `=`) in first place is the value of the first name of `choices`.
+
+  Args:
+    arg: the string after ':' in `--config FILE.py:arg`; None or '' gives {}.
+    **choices: arg name -> its valid values (any iterable of strings).
+
+  Returns:
+    The given args only.
+
+  Raises:
+    ConfigError: an unknown or repeated name, or a value not in its name's choices.
   """
-  arg = arg or 'finetune'
-  if arg not in variants:
-    raise ValueError(
-        f'unknown variant {arg!r}; valid variants: {", ".join(sorted(variants))}')
-  for dotted, value in variants[arg].items():
+  given: dict[str, str] = {}
+  for i, item in enumerate(p.strip() for p in (arg or '').split(',') if p.strip()):
+    name, eq, value = item.partition('=')
+    if not eq and i == 0:
+      name, value = next(iter(choices)), item
+    if name not in choices or not eq and i > 0:
+      raise ConfigError(f'unknown config arg {item!r} in {arg!r}; valid args: '
+                        f'{", ".join(f"{n}=" for n in choices)} (a bare first item is the '
+                        f'{next(iter(choices))})')
+    if name in given:
+      raise ConfigError(f'config arg {name!r} given twice in {arg!r}')
+    if value not in choices[name]:
+      raise ConfigError(f'unknown {name} {value!r}; valid {name}s: '
+                        f'{", ".join(sorted(choices[name]))}')
+    given[name] = value
+  return given
+
+
+def override(config, overrides: Overrides, where: str):
+  """Sets each `dotted.key: value` of `overrides` on `config`; the keys must exist.
+
+  Raises:
+    ConfigError: naming `where` the key came from and the valid keys at that level.
+  """
+  for dotted, value in overrides.items():
     node = config
-    *parents, leaf = dotted.split('.')
-    for p in parents:
-      node = node[p]
-    if leaf not in node:
-      raise KeyError(f'variant {arg!r} sets unknown key {dotted!r}')
-    node[leaf] = value
-  config.variant = arg
+    for part in dotted.split('.'):
+      if not hasattr(node, 'keys') or part not in node:
+        valid = ', '.join(sorted(node.keys())) if hasattr(node, 'keys') else 'none'
+        raise ConfigError(f'{where} sets unknown key {dotted!r}; valid keys there: {valid}')
+      parent, node = node, node[part]
+    parent[part] = value
+  return config
+
+
+def select_variant(config, arg: str | None, variants: Mapping[str, Overrides],
+                   default: str = 'finetune', **args: Mapping[str, Overrides]):
+  """Applies a config file's `:arg` to `config`: a named variant, then each `name=value` arg.
+
+  Args:
+    config: the file's config (a ConfigDict from `base_config()`).
+    arg: `'frozen'`, `'deform=parallel_conv1,init=pretrained'`, `'frozen,init=pretrained'`.
+    variants: variant name -> overrides (dotted key -> value).
+    default: the variant when `arg` names none.
+    **args: arg name -> {value: overrides}, applied after the variant in this order.
+
+  Returns:
+    `config`, with `config.variant` set to the variant's name, followed by
+    `_<name>-<value>` per given arg (a string usable as a directory name).
+  """
+  tables = {'variant': variants, **args}
+  given = parse_arg(arg, **tables)
+  name = given.pop('variant', default)
+  if name not in variants:
+    raise ConfigError(f'unknown variant {name!r}; valid variants: {", ".join(sorted(variants))}')
+  override(config, variants[name], f'variant {name!r}')
+  chosen = [(key, given[key]) for key in args if key in given]
+  for key, value in chosen:
+    override(config, args[key][value], f'config arg {key}={value}')
+  config.variant = '_'.join([name] + [f'{key}-{value}' for key, value in chosen])
   return config

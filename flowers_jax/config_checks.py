@@ -2,11 +2,15 @@
 
     config_checks.validate(config)   # ConfigError: "train.label_smoothing=2.0: expected ..."
 
-One table, `RULES`: a dotted key, a predicate and what is valid. A rule whose key the config
-does not have is skipped (small configs in tests). Choices come from the registries that use
-them (`losses.LOSSES`, `optim.OPTIMIZERS`, ...), so a new loss or optimizer is valid here the
-moment it is registered. The data set's own keys (source, augmentation, interpolation) are
-checked by `data.DataConfig.parse` with the data registries.
+Keys: every key must be one of `config.BASE` (a config file or `--config.x=` that adds
+another is an error); `config.model` may also hold the options of its model
+(`models.spec(name).options`). The `data` section's keys and values (source, preprocessing,
+interpolation) are checked by `data.DataConfig.parse` with the data registries.
+
+Values: one table, `RULES`: a dotted key, a predicate and what is valid. A rule whose key the
+config does not have is skipped (small configs in tests). Choices come from the registries that
+use them (`losses.LOSSES`, `optim.OPTIMIZERS`, ...), so a new loss or optimizer is valid here the
+moment it is registered.
 """
 
 from __future__ import annotations
@@ -17,8 +21,8 @@ import os
 import re
 from typing import Any, Callable
 
-from flowers_jax import losses, optim, parallel
-from flowers_jax.config_utils import ConfigError
+from flowers_jax import config_utils, losses, models, optim, parallel
+from flowers_jax.config import BASE, ConfigError
 
 BATCHNORM_MODES = ('auto', 'batch', 'running')
 DTYPES = ('float32', 'bfloat16')
@@ -81,6 +85,7 @@ class Rule:
 RULES: tuple[Rule, ...] = (
     Rule('seed', lambda v, c: _is_int(v), 'an integer'),
     Rule('parallel', _one_of(parallel.STRATEGIES), ' | '.join(parallel.STRATEGIES)),
+    Rule('model.name', _one_of(models.names()), ' | '.join(models.names())),
     Rule('model.num_classes', _int_at_least(2), 'an integer >= 2'),
     Rule('init.torchvision', _existing_path_or_empty,
          "'' (random init) or an existing .pth file / converted-weights directory"),
@@ -109,6 +114,7 @@ RULES: tuple[Rule, ...] = (
     Rule('optim.momentum', _number_in(0, 1, hi_open=True), 'a number in [0, 1)'),
     Rule('optim.b1', _number_in(0, 1, hi_open=True), 'a number in [0, 1)'),
     Rule('optim.b2', _number_in(0, 1, hi_open=True), 'a number in [0, 1)'),
+    Rule('optim.eps', _number_in(0, math.inf, lo_open=True, hi_open=True), 'a number > 0'),
     Rule('optim.weight_decay', _number_in(0, math.inf, hi_open=True), 'a number >= 0'),
     Rule('optim.schedule', _one_of(optim.SCHEDULES), ' | '.join(optim.SCHEDULES)),
     Rule('optim.warmup_steps', _int_at_least(0), 'an integer >= 0 (steps)'),
@@ -127,9 +133,29 @@ def _lookup(config: Any, dotted: str) -> tuple[bool, Any]:
   return True, node
 
 
+# Sections that may hold keys BASE lacks: section -> (the section -> those keys).
+EXTRA_KEYS: dict[str, Callable[[Any], tuple[str, ...]]] = {
+    'model': lambda m: tuple(models.spec(m.name).options) if 'name' in m else (),
+}
+CHECKED_ELSEWHERE = ('data',)  # data.DataConfig.parse checks this section's keys
+
+
+def check_keys(config: Any, base: dict = BASE, where: str = '') -> None:
+  """Raises `ConfigError` for the first key of `config` that `base` (and `EXTRA_KEYS`) lack."""
+  valid = tuple(base) + (EXTRA_KEYS[where](config) if where in EXTRA_KEYS else ())
+  for key in config.keys():
+    dotted = f'{where}.{key}' if where else key
+    if key not in valid:
+      raise config_utils.unknown_key(dotted, key, valid, where)
+    if isinstance(base.get(key), dict) and dotted not in CHECKED_ELSEWHERE:
+      check_keys(config[key], base[key], dotted)
+
+
 def validate(config: Any) -> None:
-  """Raises `ConfigError` (one line) for the first value of `config` that `RULES` reject."""
+  """Raises `ConfigError` (one line) for the first unknown key or the first value of `config`
+  that `RULES` reject."""
   for rule in RULES:
     present, value = _lookup(config, rule.key)
     if present and not rule.ok(value, config):
       raise ConfigError(f'--config.{rule.key}={value!r} is not valid; expected {rule.valid}')
+  check_keys(config)

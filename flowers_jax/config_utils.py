@@ -1,4 +1,4 @@
-"""Loading `configs/<model>.py:<variant>` files and checking `--config.a.b=value` overrides.
+"""Loading `configs/<model>.py:<arg>` files and checking `--config.a.b=value` overrides.
 
 ml_collections' own errors for a mistyped key or variant are tracebacks several screens long;
 these helpers turn them into one line that names what is valid.
@@ -10,20 +10,12 @@ import difflib
 import importlib.util
 import os
 import sys
-from typing import Any
+import types
+from collections.abc import Iterable
 
 import ml_collections
 
-
-class ConfigError(ValueError):
-  pass
-
-
-def get(cfg: Any, key: str, default: Any) -> Any:
-  """`cfg.get(key, default)` for ConfigDicts and dicts, `getattr` for plain namespaces."""
-  if hasattr(cfg, 'get'):
-    return cfg.get(key, default)
-  return getattr(cfg, key, default)
+from flowers_jax.config import ConfigError
 
 
 def split_config_arg(spec: str) -> tuple[str, str | None]:
@@ -33,26 +25,29 @@ def split_config_arg(spec: str) -> tuple[str, str | None]:
 
 
 def load_config(spec: str) -> ml_collections.ConfigDict:
-  """Imports the config file of `spec` and returns `get_config(arg)`."""
+  """Imports the config file of `spec` ('configs/resnet18.py:frozen') and returns
+  `get_config(arg)`."""
   path, arg = split_config_arg(spec)
+  module = load_module(path)
+  return module.get_config(arg) if arg is not None else module.get_config()
+
+
+def load_module(path: str) -> types.ModuleType:
+  """Imports the Python file at `path` (a config file, a script) as a module, by its path."""
   if not os.path.isfile(path):
     here = os.path.dirname(path) or '.'
     known = sorted(f for f in os.listdir(here) if f.endswith('.py') and f != '__init__.py') \
         if os.path.isdir(here) else []
     raise ConfigError(f'config file {path!r} not found' +
                       (f'; files in {here}/: {", ".join(known)}' if known else ''))
-  add_config_root_to_path(path)
-  spec_ = importlib.util.spec_from_file_location('_flowers_jax_config', path)
-  module = importlib.util.module_from_spec(spec_)
-  spec_.loader.exec_module(module)
-  return module.get_config(arg) if arg is not None else module.get_config()
-
-
-def add_config_root_to_path(config_path: str) -> None:
-  """Lets `configs/x.py` do `from configs import common` from any working directory."""
-  root = os.path.dirname(os.path.dirname(os.path.abspath(config_path)))
-  if root not in sys.path:
-    sys.path.insert(0, root)
+  # Registered (as import does) so that dataclasses and pickle find the module by its name;
+  # the prefix keeps 'train.py' or 'data.py' from shadowing a real module.
+  name = '_loaded_' + os.path.splitext(os.path.basename(path))[0]
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[name] = module
+  spec.loader.exec_module(module)
+  return module
 
 
 def config_spec_from_argv(argv: list[str]) -> str | None:
@@ -73,11 +68,16 @@ def check_override_keys(config: ml_collections.ConfigDict, argv: list[str]) -> N
     node, seen = config, []
     for part in dotted.split('.'):
       if not isinstance(node, ml_collections.ConfigDict) or part not in node:
-        where = '.'.join(seen) or 'the config'
-        valid = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
-        close = difflib.get_close_matches(part, valid, n=1)
-        hint = f' (did you mean {close[0]!r}?)' if close else ''
-        raise ConfigError(f'unknown config key {dotted!r}{hint}; valid keys in {where}: '
-                          f'{", ".join(valid)}')
+        valid = node.keys() if isinstance(node, ml_collections.ConfigDict) else ()
+        raise unknown_key(dotted, part, valid, '.'.join(seen))
       node = node[part]
       seen.append(part)
+
+
+def unknown_key(dotted: str, part: str, valid: Iterable[str], where: str) -> ConfigError:
+  """The one-line error for `dotted`, whose `part` is not among `valid` (the keys in `where`)."""
+  valid = sorted(valid)
+  close = difflib.get_close_matches(part, valid, n=1)
+  hint = f' (did you mean {close[0]!r}?)' if close else ''
+  return ConfigError(f'unknown config key {dotted!r}{hint}; valid keys in {where or "the config"}: '
+                     f'{", ".join(valid)}')

@@ -3,9 +3,10 @@ r"""Command line: train and evaluate one experiment.
   python -m flowers_jax.main --config configs/resnet18.py:finetune --workdir runs/r18 \
       --config.data.dir=~/flowers102 --config.train.epochs=5
 
-`--config FILE.py:VARIANT` picks a config file and one of its variants (listed in the file's
-docstring); any key can be overridden with `--config.a.b=value`. Running again on the same
-`--workdir` resumes an interrupted run.
+`--config FILE.py:ARG` picks a config file and its variant or args (listed in the file's
+docstring), e.g. `configs/resnet18.py:frozen` or
+`configs/resnet18.py:deform=parallel_conv1,init=pretrained`; any key can be overridden with
+`--config.a.b=value`. Running again on the same `--workdir` resumes an interrupted run.
 """
 
 import os
@@ -19,7 +20,8 @@ from ml_collections import config_flags  # noqa: E402
 from flowers_jax import config_utils  # noqa: E402
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file('config', None, 'Experiment config: configs/<model>.py:<variant>.',
+config_flags.DEFINE_config_file('config', None,
+                                'Experiment config: configs/<model>.py:<variant or args>.',
                                 lock_config=True)
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and results.')
 

@@ -35,8 +35,6 @@ import jax
 import numpy as np
 import optax
 
-from flowers_jax import config_utils
-
 PyTree = Any
 TRAIN, FROZEN = 'train', 'frozen'
 
@@ -139,11 +137,10 @@ def _constant(cfg, lr: float, total_steps: int, warmup: int) -> optax.Schedule:
 def _step(cfg, lr: float, total_steps: int, warmup: int) -> optax.Schedule:
   # Boundaries are fractions of the whole run; the warmup-joined schedule
   # counts from the end of warmup, hence the shift.
-  factor = float(config_utils.get(cfg, 'step_factor', 0.1))
   scales: dict[int, float] = {}
-  for frac in config_utils.get(cfg, 'step_boundaries', (0.5, 0.75)):
+  for frac in cfg.step_boundaries:
     b = int(round(float(frac) * total_steps)) - warmup
-    scales[b] = scales.get(b, 1.0) * factor
+    scales[b] = scales.get(b, 1.0) * float(cfg.step_factor)
   return optax.piecewise_constant_schedule(lr, scales)
 
 
@@ -158,11 +155,11 @@ SCHEDULES: dict[str, Callable[..., optax.Schedule]] = {
 
 def make_schedule(optim_cfg: Any, total_steps: int) -> optax.Schedule:
   """lr(step) for `optim_cfg.schedule` after `optim_cfg.warmup_steps` warmup."""
-  name = config_utils.get(optim_cfg, 'schedule', 'cosine')
+  name = optim_cfg.schedule
   if name not in SCHEDULES:
     raise ValueError(f'Unknown schedule {name!r}; valid: {sorted(SCHEDULES)}')
-  lr = float(config_utils.get(optim_cfg, 'lr', 0.01))
-  warmup = int(config_utils.get(optim_cfg, 'warmup_steps', 0) or 0)
+  lr = float(optim_cfg.lr)
+  warmup = int(optim_cfg.warmup_steps)
   if total_steps <= 0:
     raise ValueError(f'total_steps must be positive, got {total_steps}.')
   if not 0 <= warmup < total_steps:
@@ -193,18 +190,14 @@ def _decay_mask(decay_norm_and_bias: bool,
 
 
 def _sgd(cfg, schedule, wd: float, decay_mask) -> optax.GradientTransformation:
-  momentum = float(config_utils.get(cfg, 'momentum', 0.9))
   return optax.chain(
       optax.add_decayed_weights(wd, decay_mask) if wd else optax.identity(),
-      optax.sgd(schedule, momentum=momentum or None,
-                nesterov=bool(config_utils.get(cfg, 'nesterov', False))))
+      optax.sgd(schedule, momentum=float(cfg.momentum) or None, nesterov=bool(cfg.nesterov)))
 
 
 def _adamw(cfg, schedule, wd: float,
            decay_mask) -> optax.GradientTransformation:
-  return optax.adamw(schedule, b1=float(config_utils.get(cfg, 'b1', 0.9)),
-                     b2=float(config_utils.get(cfg, 'b2', 0.999)),
-                     eps=float(config_utils.get(cfg, 'eps', 1e-8)),
+  return optax.adamw(schedule, b1=float(cfg.b1), b2=float(cfg.b2), eps=float(cfg.eps),
                      weight_decay=wd, mask=decay_mask)
 
 
@@ -220,23 +213,21 @@ def make_optimizer(optim_cfg: Any, params: PyTree, *, total_steps: int,
   """The run's optimizer (see the module docstring).
 
   Args:
-    optim_cfg: `config.optim` (name, lr, momentum, nesterov, b1, b2,
-      weight_decay, schedule, warmup_steps, step_boundaries, step_factor,
-      clip_norm, decay_norm_and_bias).
+    optim_cfg: `config.optim` (every key of `config.BASE['optim']`; a
+      ConfigDict or any object with those attributes).
     params: the params tree (only its structure, paths and ranks are used).
     total_steps: number of optimizer steps in the run (for the schedule).
     freeze, head_pattern: see `trainable_mask`.
     no_decay: regex on param paths exempt from weight decay
       (`models.spec(name).no_weight_decay`).
   """
-  name = config_utils.get(optim_cfg, 'name', 'sgd')
+  name = optim_cfg.name
   if name not in OPTIMIZERS:
     raise ValueError(f'Unknown optimizer {name!r}; valid: {sorted(OPTIMIZERS)}')
   schedule = make_schedule(optim_cfg, total_steps)
-  wd = float(config_utils.get(optim_cfg, 'weight_decay', 0.0) or 0.0)
-  decay_mask = _decay_mask(bool(config_utils.get(optim_cfg, 'decay_norm_and_bias', False)),
-                           no_decay)
-  clip = float(config_utils.get(optim_cfg, 'clip_norm', 0.0) or 0.0)
+  wd = float(optim_cfg.weight_decay)
+  decay_mask = _decay_mask(bool(optim_cfg.decay_norm_and_bias), no_decay)
+  clip = float(optim_cfg.clip_norm)
   inner = OPTIMIZERS[name](optim_cfg, schedule, wd, decay_mask)
   if clip > 0:
     inner = optax.chain(optax.clip_by_global_norm(clip), inner)

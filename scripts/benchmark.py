@@ -39,8 +39,6 @@ def main(argv: list[str]) -> int:
   if name not in names:
     print(f'error: unknown benchmark {name!r}; available: {", ".join(names)}', file=sys.stderr)
     return 2
-  sys.path.insert(0, HERE)
-  sys.path.insert(0, os.path.dirname(HERE))
   module = importlib.import_module(f'benchmarks.{name}')
   return module.main(argv[2:]) or 0
 

@@ -25,6 +25,9 @@ PHASES=${PHASES:-env train compile eval}
 MODELS=${MODELS:-resnet18 efficientnet_b0 vit_b16 resnet18_deform_after_conv1 resnet18_deform_parallel_conv1}
 COMMON=(--batch "${BATCH:-128}" --size "${SIZE:-224}" --steps "${STEPS:-20}" --warmup 3)
 export XLA_PYTHON_CLIENT_PREALLOCATE=false  # torch runs in the same process
+# The checkout's package and the benchmark modules, without installing (the GPU machine has no
+# network for the package's dependencies).
+export PYTHONPATH="$PWD:$PWD/scripts${PYTHONPATH:+:$PYTHONPATH}"
 mkdir -p "$OUT"
 START=$SECONDS
 
@@ -92,7 +95,6 @@ fi
 # One table per mode from every JSON written above.
 "$PY" - "$OUT" <<'EOF' | tee "$OUT/summary.txt"
 import glob, json, os, sys, types
-sys.path[:0] = ['scripts', '.']
 from benchmarks import _common
 out = sys.argv[1]
 for mode in ('train', 'eval'):

@@ -8,12 +8,8 @@ is read by ``config.data.source='folder'``, ``config.data.dir=OUT_DIR``.
 """
 
 import argparse
-import os
-import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
-
-from flowers_jax.data.fake import make_fake_flowers  # pylint: disable=g-import-not-at-top
+from flowers_jax.data.fake import make_fake_flowers
 
 
 def _size(text):

@@ -31,9 +31,6 @@ import sys
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
 MODELS = ('efficientnet_b0', 'vit_b16', 'resnet18')  # the study's order
 TITLES = {'efficientnet_b0': 'EfficientNet-B0', 'vit_b16': 'ViT-B/16', 'resnet18': 'ResNet18'}
 STUDY_TEST = {
@@ -168,9 +165,9 @@ LINESTYLES = ('-', '--', '-.', ':')
 
 def plot_model(model: str, runs: list[dict], path: str) -> None:
   """Train (left) and validation (right) accuracy against epoch, one line per variant."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
+  import matplotlib
   matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  import matplotlib.pyplot as plt
   fig, axes = plt.subplots(1, 2, figsize=(11, 4.6), sharey=True, layout='constrained')
   colors = plt.get_cmap('tab10')
   for i, run in enumerate(runs):
@@ -200,7 +197,7 @@ def plot_model(model: str, runs: list[dict], path: str) -> None:
 
 def test_confusion(run_dir: str) -> tuple[np.ndarray, tuple[str, ...]]:
   """(int [C, C] counts, rows true / columns predicted; class names) of the best checkpoint."""
-  from flowers_jax import data, predict  # pylint: disable=g-import-not-at-top
+  from flowers_jax import data, predict
   cached = os.path.join(run_dir, 'confusion_test.npy')
   config = predict.load_config(run_dir)
   if os.path.isfile(cached):
@@ -238,7 +235,7 @@ def confusion_section(model: str, runs: list[dict], k: int) -> list[str]:
   head = f'### {TITLES.get(model, model)}: {best["variant"]} (best validation accuracy)'
   try:
     confusion, names = test_confusion(best['dir'])
-  except Exception as e:  # pylint: disable=broad-except  (no data, no checkpoint, ...)
+  except Exception as e:  # no data, no checkpoint, ...
     return [head, '', f'not computed: {str(e).splitlines()[0] if str(e) else type(e).__name__}',
             '']
   pairs = confused_pairs(confusion, names, k)

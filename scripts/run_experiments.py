@@ -41,7 +41,6 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 STUDY = (
     ('efficientnet_b0', 'frozen'), ('efficientnet_b0', 'finetune'), ('efficientnet_b0', 'eca'),
@@ -117,7 +116,7 @@ def smoke_data(out: str, data_dir: str | None) -> str:
     return os.path.abspath(os.path.expanduser(data_dir))
   path = os.path.abspath(os.path.join(out, 'smoke_data'))
   if not os.path.isfile(os.path.join(path, 'setid.mat')):
-    from flowers_jax.data.fake import make_fake_flowers  # pylint: disable=g-import-not-at-top
+    from flowers_jax.data.fake import make_fake_flowers
     make_fake_flowers(path, **SMOKE_DATA)
   return path
 
@@ -175,8 +174,8 @@ def _results(workdir: str) -> dict | None:
 
 def _last_error(log_path: str) -> str:
   with open(log_path, errors='replace') as f:
-    lines = [l.strip() for l in f if l.strip()]
-  errors = [l for l in lines if l.startswith('error:')]
+    lines = [line.strip() for line in f if line.strip()]
+  errors = [line for line in lines if line.startswith('error:')]
   return (errors or lines or [''])[-1][:200]
 
 

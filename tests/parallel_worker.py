@@ -10,7 +10,6 @@ as 2 separate processes x 2 fake devices (multi-host, gloo collectives on 127.0.
 
 import argparse
 import os
-import sys
 
 GLOBAL_BATCH = 8
 IMAGE = 32
@@ -157,7 +156,6 @@ def main():
   ap.add_argument('--local-devices', type=int, default=4)
   a = ap.parse_args()
   os.environ['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={a.local_devices}'
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   import numpy as np
   from flowers_jax import parallel
   parallel.initialize_distributed(a.coordinator, a.num_processes, a.process_id)

@@ -8,13 +8,13 @@ import textwrap
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import pytest
 from flax import struct
 
 from flowers_jax import checkpoint, optim
+from flowers_jax.config import base_config
 
 
 @struct.dataclass
@@ -33,8 +33,8 @@ def _state(seed=0, steps=0):
             'bn': {'scale': jnp.ones(4), 'bias': jnp.zeros(4)},
             'fc': {'kernel': jnp.asarray(rng.normal(size=(4, 5)), jnp.float32),
                    'bias': jnp.zeros(5)}}
-  cfg = ml_collections.ConfigDict(dict(name='adamw', lr=0.1,
-                                       schedule='cosine', weight_decay=1e-2))
+  cfg = base_config().optim
+  cfg.update(name='adamw', lr=0.1, schedule='cosine', weight_decay=1e-2)
   tx = optim.make_optimizer(cfg, params, total_steps=10, freeze='^conv/')
   opt_state = tx.init(params)
   for _ in range(steps):
@@ -145,9 +145,9 @@ def test_signal_sets_stop_flag_then_second_sigint_interrupts():
   original = signal.getsignal(signal.SIGINT)
   checkpoint.install_signal_handlers()
   try:
-    assert not checkpoint.should_stop() and checkpoint.stop_signal() == 0
+    assert checkpoint.stop_signal() == 0
     signal.raise_signal(signal.SIGTERM)
-    assert checkpoint.should_stop() and checkpoint.stop_signal() == signal.SIGTERM
+    assert checkpoint.stop_signal() == signal.SIGTERM
     with pytest.raises(KeyboardInterrupt):
       signal.raise_signal(signal.SIGINT)
     # The second signal put the original handlers back.
@@ -155,5 +155,5 @@ def test_signal_sets_stop_flag_then_second_sigint_interrupts():
   finally:
     checkpoint.restore_signal_handlers()
   checkpoint.install_signal_handlers()
-  assert not checkpoint.should_stop()
+  assert checkpoint.stop_signal() == 0
   checkpoint.restore_signal_handlers()

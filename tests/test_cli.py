@@ -15,12 +15,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from flowers_jax import data, train
+from flowers_jax import config_utils, data, train
+from flowers_jax.config import base_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-from configs import resnet18  # noqa: E402  (the repo root is not a package)
-from flowers_jax.config import base_config  # noqa: E402
+RESNET18 = config_utils.load_module(os.path.join(ROOT, 'configs', 'resnet18.py'))
 
 
 def run_cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -49,8 +48,25 @@ def test_unknown_variant_lists_the_valid_ones(tmp_path):
   line = one_error_line(run_cli('--config', 'configs/resnet18.py:nope',
                                 '--workdir', str(tmp_path / 'w')))
   assert "'nope'" in line
-  for variant in resnet18.VARIANTS:
+  for variant in RESNET18.VARIANTS:
     assert variant in line, variant
+
+
+def test_unknown_arg_value_lists_the_valid_ones(tmp_path):
+  line = one_error_line(run_cli('--config', 'configs/resnet18.py:deform=sideways',
+                                '--workdir', str(tmp_path / 'w')))
+  assert "'sideways'" in line
+  for deform in RESNET18.ARGS['deform']:
+    assert deform in line, deform
+
+
+def test_args_pass_the_config_flag(tmp_path):
+  """`FILE.py:name=value,...` goes through absl's config flag: the run gets as far as
+  `config_checks.validate`, which names the bad override."""
+  spec = 'configs/resnet18.py:deform=parallel_conv1,init=pretrained'
+  line = one_error_line(run_cli('--config', spec, '--workdir', str(tmp_path / 'w'),
+                                '--config.optim.lr=-1'))
+  assert '--config.optim.lr=-1' in line and 'expected' in line, line
 
 
 def test_unknown_config_file_lists_the_files(tmp_path):
@@ -106,7 +122,7 @@ def test_learns_a_generated_ten_class_set(tmp_path):
   proc = run_cli('--config', 'configs/demo.py', '--workdir', workdir,
                  '--config.data.source=folder', f'--config.data.dir={data_dir}',
                  '--config.model.num_classes=10', '--config.data.image_size=24',
-                 '--config.data.train_augment=flip', '--config.train.batch_size=16',
+                 '--config.data.pp_train=flip', '--config.train.batch_size=16',
                  '--config.train.epochs=6', timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   with open(os.path.join(workdir, 'results.json')) as f:
@@ -151,9 +167,9 @@ def best_test_accuracy(workdir) -> float:
         state=ocp.args.StandardRestore())).state
   ds = data.build(config.data, seed=config.seed)
   batch = next(ds.eval_batches('test', ds.num_examples['test']))
-  logits = train.create_model(config).apply(
+  logits, _ = train.create_model(config).apply(
       {'params': state['params'], 'batch_stats': state['batch_stats']},
-      batch['image'], train=False)
+      batch['image'], train=False)  # (logits [B, C], {'pre_logits': [B, D]})
   return float((np.argmax(np.asarray(logits), -1) == batch['label']).mean())
 
 

@@ -9,11 +9,11 @@ import time
 import numpy as np
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, 'scripts'))
+from flowers_jax import config_utils
 
-import report  # noqa: E402
-import run_experiments  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+report = config_utils.load_module(os.path.join(ROOT, 'scripts', 'report.py'))
+run_experiments = config_utils.load_module(os.path.join(ROOT, 'scripts', 'run_experiments.py'))
 
 
 def run_script(*args, timeout=600):
@@ -29,7 +29,7 @@ def smoke_runs(tmp_path_factory):
   out = str(tmp_path_factory.mktemp('runs'))
   proc = run_script('--suite', 'study', '--smoke', '--out', out, '--only', 'resnet18_frozen')
   assert proc.returncode == 0, proc.stdout + proc.stderr
-  lines = [l for l in proc.stdout.splitlines() if l.startswith('resnet18_frozen')]
+  lines = [x for x in proc.stdout.splitlines() if x.startswith('resnet18_frozen')]
   assert ' ok ' in lines[-1] and 'test ' in lines[-1], proc.stdout
   return out
 
@@ -39,7 +39,7 @@ def test_second_call_only_reports(smoke_runs):
   proc = run_script('--suite', 'study', '--smoke', '--out', smoke_runs, '--only', 'resnet18_frozen')
   elapsed = time.time() - t0
   assert proc.returncode == 0, proc.stdout + proc.stderr
-  frozen = [l for l in proc.stdout.splitlines() if l.startswith('resnet18_frozen')]
+  frozen = [x for x in proc.stdout.splitlines() if x.startswith('resnet18_frozen')]
   assert len(frozen) == 1 and ' done ' in frozen[0] and 'test ' in frozen[0], proc.stdout
   assert 'running' not in proc.stdout and elapsed < 30  # no training process was started
 
@@ -48,7 +48,7 @@ def test_report_from_smoke_runs(smoke_runs, tmp_path):
   out = str(tmp_path / 'report')
   text = report.write_report(smoke_runs, out)
   assert '| resnet18 | frozen |' in text
-  row = next(l for l in text.splitlines() if l.startswith('| resnet18 | frozen |'))
+  row = next(x for x in text.splitlines() if x.startswith('| resnet18 | frozen |'))
   assert '| 0.801 |' in row  # the study's number beside ours
   with open(os.path.join(out, 'curves_resnet18.png'), 'rb') as f:
     assert f.read(8) == b'\x89PNG\r\n\x1a\n'
@@ -95,8 +95,8 @@ def test_report_table_figures_and_pairs_without_training(tmp_path):
   out = str(tmp_path / 'out')
   assert report.main([root, '--out', out]) == 0
   text = open(os.path.join(out, 'report.md')).read()
-  rows = {l.split(' | ')[1]: l for l in text.splitlines() if l.startswith('| vit_b16 |')
-          or l.startswith('| resnet18 |')}
+  rows = {x.split(' | ')[1]: x for x in text.splitlines() if x.startswith('| vit_b16 |')
+          or x.startswith('| resnet18 |')}
   assert '| 0.900 | 0.876 | +0.024 |' in rows['tcel'] and '| 0.800 | 0.850 |' in rows['tcel']
   assert '0.876 (best: tcel)' in rows['strong'] and '| 1:02:05 | 123.4 |' in rows['strong']
   assert '0.565 (deform_after_conv1)' in rows['deform_after_conv1_pretrained_init']

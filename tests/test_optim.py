@@ -1,13 +1,16 @@
 """Optimizer, schedules and freezing masks."""
 
+import os
+
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import pytest
 
-from flowers_jax import optim
+import tree_util
+from flowers_jax import config_utils, optim
+from flowers_jax.config import base_config
 
 HEAD = '^fc/'
 
@@ -25,12 +28,10 @@ def _params():
 
 
 def _cfg(**kw):
-  base = dict(name='sgd', lr=0.1, momentum=0.0, nesterov=False, b1=0.9,
-              b2=0.999, weight_decay=0.0, schedule='constant', warmup_steps=0,
-              step_boundaries=(0.5, 0.75), step_factor=0.1, clip_norm=0.0,
-              decay_norm_and_bias=False)
-  base.update(kw)
-  return ml_collections.ConfigDict(base)
+  """`config.optim` of the base config: plain SGD at a constant lr 0.1, then `kw`."""
+  cfg = base_config().optim
+  cfg.update(dict(lr=0.1, momentum=0.0, weight_decay=0.0, schedule='constant'), **kw)
+  return cfg
 
 
 def _grads(params, seed=1, scale=1.0):
@@ -40,27 +41,22 @@ def _grads(params, seed=1, scale=1.0):
       params)
 
 
-def _flat(tree):
-  return dict(zip(jax.tree.leaves(optim.param_paths(tree)),
-                  jax.tree.leaves(tree)))
-
-
 # ------------------------------------------------------------------ masks ---
 
 
 def test_param_paths_and_masks():
   params = _params()
-  paths = _flat(optim.param_paths(params))
+  paths = tree_util.flat(optim.param_paths(params))
   assert paths['fc/bias'] == 'fc/bias'
   assert paths['layer1/0/conv1/kernel'] == 'layer1/0/conv1/kernel'
 
-  backbone = _flat(optim.trainable_mask(params, 'backbone', HEAD))
+  backbone = tree_util.flat(optim.trainable_mask(params, 'backbone', HEAD))
   assert [p for p, t in backbone.items() if t] == ['fc/bias', 'fc/kernel']
 
   as_list = optim.trainable_mask(params, ['^conv1/', 'layer[1-3]/'])
   as_str = optim.trainable_mask(params, '^conv1/, layer[1-3]/')
   assert as_list == as_str
-  assert sorted(p for p, t in _flat(as_str).items() if not t) == [
+  assert sorted(p for p, t in tree_util.flat(as_str).items() if not t) == [
       'conv1/kernel', 'layer1/0/conv1/kernel', 'layer2/0/conv1/kernel']
   assert all(jax.tree.leaves(optim.trainable_mask(params, 'none')))
 
@@ -134,9 +130,9 @@ def test_frozen_leaves_unchanged_and_stateless(name):
   tx = optim.make_optimizer(cfg, params, total_steps=10,
                             freeze=['^conv1/', 'layer1/'], head_pattern=HEAD)
   new, state = _run(tx, params)
-  mask = _flat(optim.trainable_mask(params, ['^conv1/', 'layer1/']))
-  for path, p in _flat(params).items():
-    changed = not np.array_equal(p, _flat(new)[path])
+  mask = tree_util.flat(optim.trainable_mask(params, ['^conv1/', 'layer1/']))
+  for path, p in tree_util.flat(params).items():
+    changed = not np.array_equal(p, tree_util.flat(new)[path])
     assert changed == mask[path], path
 
   # Moment leaves exist for trainable params only; frozen ones are MaskedNode.
@@ -158,8 +154,8 @@ def test_weight_decay_skips_1d_params(name, decay_all):
   tx = optim.make_optimizer(cfg, params, total_steps=10)
   zeros = jax.tree.map(jnp.zeros_like, params)
   updates, _ = tx.update(zeros, tx.init(params), params)
-  for path, u in _flat(updates).items():
-    p = _flat(params)[path]
+  for path, u in tree_util.flat(updates).items():
+    p = tree_util.flat(params)[path]
     decayed = decay_all or p.ndim > 1
     np.testing.assert_allclose(u, -0.05 * p if decayed else 0 * p,
                                rtol=1e-6, err_msg=path)
@@ -174,11 +170,11 @@ def test_clipping_uses_trainable_params_only():
   for target_norm in (0.5, 3.0):
     grads = _grads(params, scale=100.0)          # huge on frozen leaves
     head = np.sqrt(sum(np.sum(np.square(g)) for g in grads['fc'].values()))
-    grads['fc'] = jax.tree.map(lambda g: g * target_norm / head, grads['fc'])
+    grads['fc'] = jax.tree.map(lambda g, f=target_norm / head: g * f, grads['fc'])
     updates, _ = tx.update(grads, tx.init(params), params)
     scale = min(1.0, 1.0 / target_norm)
-    for path, u in _flat(updates).items():
-      expected = -scale * _flat(grads)[path] if _flat(mask)[path] else 0.0
+    for path, u in tree_util.flat(updates).items():
+      expected = -scale * tree_util.flat(grads)[path] if tree_util.flat(mask)[path] else 0.0
       np.testing.assert_allclose(u, expected, rtol=1e-5, err_msg=path)
 
 
@@ -190,7 +186,7 @@ def test_matches_torch_optimizer(name):
              weight_decay=0.1)
   new, _ = _run(optim.make_optimizer(cfg, params, total_steps=10), params)
 
-  flat = _flat(params)
+  flat = tree_util.flat(params)
   tp = {k: torch.tensor(np.asarray(v), requires_grad=True)
         for k, v in flat.items()}
   groups = [{'params': [t for k, t in tp.items() if flat[k].ndim > 1]},
@@ -203,11 +199,11 @@ def test_matches_torch_optimizer(name):
     opt = torch.optim.AdamW(groups, lr=0.05, betas=(0.9, 0.999), eps=1e-8,
                             weight_decay=0.1)
   for i in range(3):                # _grads depends on shapes and seed only
-    g = _flat(_grads(params, seed=i))
+    g = tree_util.flat(_grads(params, seed=i))
     for k, t in tp.items():
       t.grad = torch.tensor(np.asarray(g[k]))
     opt.step()
-  for k, v in _flat(new).items():
+  for k, v in tree_util.flat(new).items():
     np.testing.assert_allclose(v, tp[k].detach().numpy(), rtol=1e-5,
                                atol=1e-6, err_msg=k)
 
@@ -223,8 +219,23 @@ def test_vit_position_embedding_and_class_token_are_not_decayed():
   tx = optim.make_optimizer(_cfg(name='adamw', lr=0.5, weight_decay=0.1), params, total_steps=10,
                             no_decay=spec.no_weight_decay)
   updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
-  flat = _flat(updates)
+  flat = tree_util.flat(updates)
   assert set(flat) == {'class_token', 'encoder/pos_embedding', 'encoder/layers/mlp/0/kernel'}
   np.testing.assert_array_equal(flat['class_token'], 0)
   np.testing.assert_array_equal(flat['encoder/pos_embedding'], 0)
   np.testing.assert_allclose(flat['encoder/layers/mlp/0/kernel'], -0.05, rtol=1e-6)
+
+
+def test_benchmark_namespace_of_base_builds_the_same_optimizer():
+  """scripts/benchmarks passes `BASE` as plain namespaces (no ml_collections on its GPU host)."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  common = config_utils.load_module(os.path.join(root, 'scripts', 'benchmarks', '_common.py'))
+  config = common.base_namespace()
+  assert vars(config.optim) == base_config().optim.to_dict()
+  assert config.optim.momentum > 0 and config.optim.weight_decay > 0  # both paths exercised
+  params = _params()
+  new, _ = _run(optim.make_optimizer(config.optim, params, total_steps=10), params)
+  expected, _ = _run(optim.make_optimizer(base_config().optim, params, total_steps=10), params)
+  for path, p in tree_util.flat(new).items():
+    np.testing.assert_allclose(p, tree_util.flat(expected)[path], rtol=1e-6, err_msg=path)
+    assert not np.array_equal(p, tree_util.flat(params)[path]), path

@@ -8,19 +8,16 @@ schedule, deformable conv, the demo); the rest are marked slow: `make test-all`,
 `pytest -m slow tests/test_variants.py`.
 """
 
-import importlib
 import os
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from flowers_jax import config_utils, losses, models, optim, steps, train
 
-from flowers_jax import losses, models, optim, steps, train  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 CONFIGS = ('resnet18', 'demo', 'efficientnet_b0', 'vit_b16')
 FAST = {('resnet18', 'frozen'), ('resnet18', 'strong'), ('resnet18', 'deform_parallel_conv1'),
@@ -28,16 +25,20 @@ FAST = {('resnet18', 'frozen'), ('resnet18', 'strong'), ('resnet18', 'deform_par
 SIZE, BATCH = 32, 4
 
 
+def config_file(name: str):
+  return config_utils.load_module(os.path.join(ROOT, 'configs', f'{name}.py'))
+
+
 def _cases():
   for name in CONFIGS:
-    for variant in importlib.import_module(f'configs.{name}').VARIANTS:
+    for variant in config_file(name).VARIANTS:
       marks = [] if (name, variant) in FAST else [pytest.mark.slow]
       yield pytest.param(name, variant, marks=marks, id=f'{name}:{variant}')
 
 
 def test_every_config_has_a_strong_variant():
   for name in ('resnet18', 'efficientnet_b0', 'vit_b16'):
-    assert 'strong' in importlib.import_module(f'configs.{name}').VARIANTS, name
+    assert 'strong' in config_file(name).VARIANTS, name
 
 
 def _batch(train_cfg, rng: np.random.Generator) -> dict:
@@ -54,7 +55,7 @@ def _batch(train_cfg, rng: np.random.Generator) -> dict:
 
 @pytest.mark.parametrize('name,variant', list(_cases()))
 def test_variant_runs_one_train_step(name, variant):
-  config = importlib.import_module(f'configs.{name}').get_config(variant)
+  config = config_file(name).get_config(variant)
   config.data.image_size = SIZE  # ViT: model.image_size follows it
   config.train.pk_k = 2
   model = train.create_model(config)

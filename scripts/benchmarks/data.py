@@ -17,10 +17,8 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', '..'))
-
-from flowers_jax import config as config_lib  # pylint: disable=g-import-not-at-top
-from flowers_jax import data  # pylint: disable=g-import-not-at-top
+from flowers_jax import config as config_lib
+from flowers_jax import data
 
 
 def _parse(argv):
@@ -68,7 +66,7 @@ def run(args) -> dict:
             'threads': args.threads or f'AUTOTUNE ({os.cpu_count()} CPUs)',
             'num_train': ds.num_examples['train'], 'train_images_per_s': []}
   for epoch in range(args.epochs):
-    rate, steps = _rate(lambda: ds.train_batches(args.batch, epoch, sampler=args.sampler),
+    rate, steps = _rate(lambda e=epoch: ds.train_batches(args.batch, e, sampler=args.sampler),
                         args.batch)
     result['train_images_per_s'].append(round(rate, 1))
     print(f'epoch {epoch}: {steps} steps, {rate:.1f} train images/s', flush=True)

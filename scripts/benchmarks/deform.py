@@ -170,5 +170,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == '__main__':
-  sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
   sys.exit(main(sys.argv[1:]))

@@ -1,6 +1,6 @@
 """Benchmark: inference (eval) steps/s of flowers_jax (float32, bfloat16) vs torchvision.
 
-The JAX rows run the project's own eval step (`steps.make_eval_step`, compiled by
+The JAX rows run the project's own eval step (`evaluators.make_eval_step`, compiled by
 `parallel.make`: logits, top-1, top-5, loss); the torch rows the torchvision model in
 `eval()` + `inference_mode` (float32; on CUDA also AMP bf16 + channels_last, `torch.compile`).
 Synthetic in-memory batches, no tensorflow; FLOPs per image are 1x forward. See `_common.py`.
@@ -11,20 +11,9 @@ Synthetic in-memory batches, no tensorflow; FLOPs per image are 1x forward. See 
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-if __package__ in (None, ''):  # run as a file: make `benchmarks` and `flowers_jax` importable
-  _here = Path(__file__).resolve()
-  sys.path[:0] = [str(_here.parents[1]), str(_here.parents[2])]
-
-from benchmarks import _common  # noqa: E402
+from benchmarks import _common
 
 
-def main(argv=None) -> int:
+def main(argv: list[str]) -> int:
   """Runs the benchmark with command-line `argv` (without the program name)."""
-  return _common.main(sys.argv[1:] if argv is None else argv, 'eval')
-
-
-if __name__ == '__main__':
-  sys.exit(main())
+  return _common.main(argv, 'eval')

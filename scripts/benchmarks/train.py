@@ -11,20 +11,9 @@ in-memory batches, no tensorflow. See `_common.py` for what each column measures
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-if __package__ in (None, ''):  # run as a file: make `benchmarks` and `flowers_jax` importable
-  _here = Path(__file__).resolve()
-  sys.path[:0] = [str(_here.parents[1]), str(_here.parents[2])]
-
-from benchmarks import _common  # noqa: E402
+from benchmarks import _common
 
 
-def main(argv=None) -> int:
+def main(argv: list[str]) -> int:
   """Runs the benchmark with command-line `argv` (without the program name)."""
-  return _common.main(sys.argv[1:] if argv is None else argv, 'train')
-
-
-if __name__ == '__main__':
-  sys.exit(main())
+  return _common.main(argv, 'train')
