@@ -1,11 +1,8 @@
-"""The train and eval step: pure functions of (state, batch), the same for every parallel mode.
+"""The train step: a pure function of (state, batch), the same for every parallel mode.
 
-`parallel.py` compiles them with pmap (then `axis_name='batch'` and the steps average gradients
-and add up metrics over devices) or with jit over a mesh (then `axis_name=None`: the batch is one
-global array and every mean is already global).
-
-Metrics come back as sums over the real (mask 1) rows: `loss_sum`, `correct`, `count`, so that
-evaluation over padded batches and any number of devices or hosts is exact.
+`parallel.py` compiles it with pmap (then `axis_name='batch'` and the step averages gradients
+and adds up metrics over devices) or with jit over a mesh (then `axis_name=None`: the batch is one
+global array and every mean is already global). The eval step is `evaluators.make_eval_step`.
 """
 
 from __future__ import annotations
@@ -68,15 +65,15 @@ def all_finite(tree: PyTree) -> jnp.ndarray:
 
 def _forward(model: nn.Module, variables: dict, images: jnp.ndarray, *, train: bool,
              bn_train: bool, rng: jax.Array | None):
-  """Runs the model; returns (logits, embedding, new batch_stats or None)."""
-  kwargs = dict(train=train, bn_train=bn_train, return_embedding=True)
+  """Runs the model: (logits [B, C], pre_logits [B, D], new batch_stats or None)."""
+  kwargs = dict(train=train, bn_train=bn_train)
   if rng is not None:
     kwargs['rngs'] = {'dropout': rng}
   if bn_train and variables.get('batch_stats'):
-    (logits, emb), updates = model.apply(variables, images, mutable=['batch_stats'], **kwargs)
-    return logits, emb, updates['batch_stats']
-  logits, emb = model.apply(variables, images, **kwargs)
-  return logits, emb, None
+    (logits, out), updates = model.apply(variables, images, mutable=['batch_stats'], **kwargs)
+    return logits, out['pre_logits'], updates['batch_stats']
+  logits, out = model.apply(variables, images, **kwargs)
+  return logits, out['pre_logits'], None
 
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
@@ -94,8 +91,8 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
   metrics: `loss`, `correct`, `count` and the loss's parts, plus two that every process reads
   to take the same decision at the same step: `finite` (1 if the new params, BatchNorm
   statistics and loss are all finite and the update's global norm does not overflow float32,
-  i.e. is below ~1.8e19: no sane step moves that far) and `stop` (the largest stop-signal number of any
-  host's rows: a signal to one host stops them all at the same step).
+  i.e. is below ~1.8e19: no sane step moves that far) and `stop` (the largest stop-signal
+  number of any host's rows: a signal to one host stops them all at the same step).
   """
   loss_name = train_cfg.loss
   extra_inputs = losses.get(loss_name).extra_inputs
@@ -138,26 +135,3 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
     return new_state, metrics
 
   return train_step
-
-
-def make_eval_step(model: nn.Module, *, axis_name: str | None):
-  """Returns `eval_step(state, batch) -> metrics` with masked sums over the batch.
-
-  metrics: `loss_sum` (cross-entropy), `correct` (top-1), `correct5` (top-5), `count`.
-  """
-  def eval_step(state: TrainState, batch: dict):
-    logits = model.apply(state.variables, batch['image'], train=False)
-    logits = logits.astype(jnp.float32)
-    mask = batch['mask']
-    labels = batch['label']
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-    k = min(5, logits.shape[-1])
-    top5 = jnp.any(jax.lax.top_k(logits, k)[1] == labels[:, None], axis=-1)
-    return {
-        'loss_sum': reduce_sum(mask * ce, axis_name),
-        'correct': reduce_sum(mask * (jnp.argmax(logits, -1) == labels), axis_name),
-        'correct5': reduce_sum(mask * top5, axis_name),
-        'count': reduce_sum(mask, axis_name),
-    }
-
-  return eval_step

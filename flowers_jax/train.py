@@ -8,13 +8,17 @@ the best checkpoint, results.json). It writes into `workdir`:
   config.json     the resolved config
   class_names.json  the data set's class names (a JSON list; predict.py reads it)
   metrics.jsonl   one strict-JSON object per epoch: epoch, train_loss, train_accuracy,
-                  val_accuracy, val_loss, val_top5, lr (the rate of the epoch's last step),
-                  epoch_time_s (train + validation), images_per_s (training only, without the
-                  compile step's time and images)
+                  val_<scalar> of every evaluator (`evaluators.py`: val_accuracy, val_loss,
+                  val_top5, val_examples; with 'embedding' val_knn_accuracy, val_recall_at_1,
+                  val_recall_at_5), lr (the rate of the epoch's last step), epoch_time_s
+                  (train + validation), images_per_s (training only, without the compile
+                  step's time and images)
   checkpoints/    orbax: `best` (by val accuracy, its meta the one record of the best epoch)
                   written before `latest` (every epoch, and on SIGTERM/Ctrl-C)
   curves.png      train / validation accuracy per epoch
-  results.json    best_epoch, best_val_accuracy, test_accuracy (of the best checkpoint), wall
+  confusion_test.npy / .png, per_class_accuracy_test.npy   test arrays of the evaluators
+  results.json    best_epoch, best_val_accuracy, test_<scalar> of every evaluator and
+                  test_per_class_accuracy (of the best checkpoint), wall
                   time, train images/s (compile step excluded) and, on GPU/TPU, the model-FLOPs
                   utilisation (`train_mfu`, `flops.py`), compile time, parameter counts
   tensorboard events (clu metric writers)
@@ -40,7 +44,7 @@ import ml_collections
 import numpy as np
 
 from flowers_jax import checkpoint as ckpt_lib
-from flowers_jax import config_checks, losses, models, optim, parallel, steps
+from flowers_jax import config_checks, evaluators, losses, models, optim, parallel, steps
 from flowers_jax.steps import TrainState
 
 MODEL_KEYS = ('name', 'num_classes')  # every other key of config.model is a model option
@@ -90,7 +94,7 @@ def initial_variables(config: ml_collections.ConfigDict, model, image_size: int)
     from flowers_jax import convert  # torch only needed for .pth files
     variables, report = convert.torchvision_to_flax(
         config.model.name, config.init.torchvision, num_classes=config.model.num_classes,
-        rng=jax.random.key(config.seed), allow_partial=config.init.get('allow_partial', False),
+        rng=jax.random.key(config.seed), allow_partial=config.init.allow_partial,
         **model_options(config.model))
     log(report.summary())
     return variables
@@ -124,21 +128,10 @@ class Averager:
     return {'train_loss': self.loss / n, 'train_accuracy': self.correct / n}
 
 
-def evaluate(eval_step, strategy, state, ds, split: str, batch_size: int) -> dict:
-  """Accuracy / loss over every example of `split` exactly once (padding is masked out).
-
-  Batches are placed on the devices ahead of use and every step is dispatched before any
-  result is read, so the host never waits on the device between batches.
-  """
-  batches = parallel.prefetch_to_device(ds.eval_batches(split, batch_size), strategy)
-  outputs = [eval_step(state, batch) for batch in batches]
-  totals = None
-  for out in outputs:
-    m = strategy.get_metrics(out)
-    totals = m if totals is None else jax.tree.map(np.add, totals, m)
-  n = float(totals['count'])
-  return {'accuracy': float(totals['correct']) / n, 'top5': float(totals['correct5']) / n,
-          'loss': float(totals['loss_sum']) / n, 'count': int(n)}
+def evaluate(run: 'Run', state, split: str) -> evaluators.Evaluation:
+  """The run's evaluators (`config.evals`) on every example of `split` exactly once."""
+  return evaluators.evaluate(run.evaluators, run.config.evals, run.eval_step, run.strategy,
+                             state, run.ds, split, run.config.train.eval_batch_size)
 
 
 # ------------------------------------------------------------------------------------------
@@ -226,6 +219,7 @@ class Run:
   schedule: Any
   train_step: Any
   eval_step: Any
+  evaluators: tuple
   checkpoints: ckpt_lib.Checkpointer | None
   steps_per_epoch: int
   counts: dict
@@ -314,12 +308,13 @@ def _build(config: ml_collections.ConfigDict, workdir: str) -> tuple[Run, TrainS
       f'{"batch" if bn_batch else "running"} statistics')
   train_step = strategy.compile(steps.make_train_step(
       model, tx, tc, axis_name=strategy.axis_name, bn_train=bn_batch))
-  eval_step = strategy.compile(steps.make_eval_step(model, axis_name=strategy.axis_name),
-                               donate_state=False)
+  evals = evaluators.get(config.evals.names)
+  eval_step = strategy.compile(evaluators.make_eval_step(
+      model, evals, config.evals, axis_name=strategy.axis_name), donate_state=False)
   run = Run(config, workdir, ds, strategy, model, tx, optim.make_schedule(config.optim,
                                                                           total_steps),
-            train_step, eval_step, ckpt_lib.Checkpointer(workdir) if tc.checkpoint else None,
-            steps_per_epoch, counts)
+            train_step, eval_step, evals,
+            ckpt_lib.Checkpointer(workdir) if tc.checkpoint else None, steps_per_epoch, counts)
   return run, TrainState.create(variables, tx, config.seed)
 
 
@@ -435,14 +430,13 @@ def _validate_and_save(run: Run, loop: Loop, state, avg: Averager, best: Best,
                        t_epoch: float, writer, t_start: float) -> None:
   """Validation, the epoch's metrics row, then `best` (if improved) and `latest`, in that order."""
   tc = run.config.train
-  val = evaluate(run.eval_step, run.strategy, state, run.ds, 'validation', tc.eval_batch_size)
+  val = evaluate(run, state, 'validation').scalars
   if not math.isfinite(val['loss']):
     raise NonFiniteLossError(
         f'non-finite validation loss ({val["loss"]}) after epoch {loop.epoch + 1}; the run '
         'stopped without saving it and the last good checkpoint is kept')
   epoch = loop.epoch + 1
-  row = {'epoch': epoch, **avg.result(), 'val_accuracy': val['accuracy'],
-         'val_loss': val['loss'], 'val_top5': val['top5'],
+  row = {'epoch': epoch, **avg.result(), **{f'val_{k}': v for k, v in val.items()},
          'lr': float(run.schedule(loop.host_step - 1)),
          'epoch_time_s': time.time() - t_epoch, 'images_per_s': loop.epoch_rate}
   host_state = run.strategy.get_state(state)
@@ -454,9 +448,10 @@ def _validate_and_save(run: Run, loop: Loop, state, avg: Averager, best: Best,
   writer.write_scalars(epoch, {k: v for k, v in _strict_json(row).items()
                                if k != 'epoch' and v is not None})
   writer.flush()
+  knn = f' val_knn_acc {val["knn_accuracy"]:.4f}' if 'knn_accuracy' in val else ''
   log(f'epoch {epoch}/{tc.epochs}: train_loss {row["train_loss"]:.4f} '
       f'train_acc {row["train_accuracy"]:.4f} val_loss {val["loss"]:.4f} '
-      f'val_acc {val["accuracy"]:.4f}{"  (best)" if improved else ""}')
+      f'val_acc {val["accuracy"]:.4f}{knn}{"  (best)" if improved else ""}')
 
 
 def _finish(run: Run, loop: Loop, state, best: Best, t_start: float) -> dict:
@@ -469,13 +464,14 @@ def _finish(run: Run, loop: Loop, state, best: Best, t_start: float) -> dict:
     best_state = restored[0] if restored is not None else None
   if best_state is None:
     best_state = strategy.get_state(state)
-  test = evaluate(run.eval_step, strategy, strategy.put_state(best_state), run.ds, 'test',
-                  config.train.eval_batch_size)
+  test = evaluate(run, strategy.put_state(best_state), 'test')
   results = {
-      'model': config.model.name, 'variant': config.get('variant', ''),
+      'model': config.model.name, 'variant': config.variant,
       'best_epoch': best.epoch, 'best_val_accuracy': best.val_accuracy,
-      'test_accuracy': test['accuracy'], 'test_top5': test['top5'], 'test_loss': test['loss'],
-      'test_examples': test['count'], 'epochs': config.train.epochs,
+      **{f'test_{k}': v for k, v in test.scalars.items()},
+      'test_per_class_accuracy': dict(zip(run.ds.class_names,
+                                           test.arrays['per_class_accuracy'].tolist())),
+      'epochs': config.train.epochs,
       'wall_time_s': loop.earlier_wall_time + time.time() - t_start,
       'compile_time_s': loop.compile_time,
       'train_images_per_s': (loop.train_images / loop.train_time
@@ -484,10 +480,14 @@ def _finish(run: Run, loop: Loop, state, best: Best, t_start: float) -> dict:
   }
   results['train_mfu'] = _mfu(config, results['train_images_per_s'])
   _write_json(os.path.join(run.workdir, 'results.json'), results)
+  title = f'{config.model.name} {config.variant}'
   if jax.process_index() == 0:
-    plots.plot_curves(loop.history, os.path.join(run.workdir, 'curves.png'),
-                      title=f'{config.model.name} {config.get("variant", "")}')
-  log(f'test accuracy (best epoch {best.epoch}): {test["accuracy"]:.4f}; '
+    for name, array in test.arrays.items():
+      np.save(os.path.join(run.workdir, f'{name}_test.npy'), array)
+    plots.plot_curves(loop.history, os.path.join(run.workdir, 'curves.png'), title=title)
+    plots.plot_confusion(test.arrays['confusion'], run.ds.class_names,
+                         os.path.join(run.workdir, 'confusion_test.png'), title=title)
+  log(f'test accuracy (best epoch {best.epoch}): {test.scalars["accuracy"]:.4f}; '
       f'results in {os.path.join(run.workdir, "results.json")}')
   return results
 

@@ -18,6 +18,7 @@ import optax
 import pytest
 
 from flowers_jax import checkpoint, config_utils, data, models, optim, parallel, steps, train
+from tree_util import flat
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_CLASSES, IMAGE_SIZE, BATCH = 4, 16, 8
@@ -102,11 +103,6 @@ def _setup(config, axis_name=None):
   return model, tx, steps.TrainState.create(variables, tx, config.seed)
 
 
-def _flat(tree) -> dict:
-  return {jax.tree_util.keystr(p): np.asarray(x)
-          for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
 def _read_jsonl(path):
   with open(path) as f:
     return [json.loads(line) for line in f]
@@ -124,7 +120,7 @@ def test_frozen_backbone_is_bit_identical_and_has_no_optimizer_state(data_dir, d
   config = make_config(data_dir, **{'train.freeze': 'backbone', 'optim.lr': 0.1,
                                     'train.epochs': 1, 'train.max_steps_per_epoch': 5})
   model, tx, state = _setup(config)
-  start = _flat(state.variables)
+  start = flat(state.variables)
   train_step = jax.jit(steps.make_train_step(model, tx, config.train, axis_name=None,
                                              bn_train=False))
   batches = [b for epoch in (0, 1) for b in dataset.train_batches(BATCH, epoch)]  # 3 per epoch
@@ -132,8 +128,8 @@ def test_frozen_backbone_is_bit_identical_and_has_no_optimizer_state(data_dir, d
     state, metrics = train_step(state, batch)
   assert int(state.step) == 5 and np.isfinite(float(metrics['loss']))
 
-  end = _flat(state.variables)
-  head = [k for k in start if k.startswith("['params']['fc']")]
+  end = flat(state.variables)
+  head = [k for k in start if k.startswith('params/fc/')]
   frozen = [k for k in start if k not in head]
   assert len(head) == 2 and any('batch_stats' in k for k in frozen)
   for k in frozen:  # backbone params and every BatchNorm mean / var
@@ -146,7 +142,7 @@ def test_frozen_backbone_is_bit_identical_and_has_no_optimizer_state(data_dir, d
   leaves = jax.tree_util.tree_flatten_with_path(state.opt_state, is_leaf=is_masked)[0]
   masked = [jax.tree_util.keystr(p) for p, x in leaves if is_masked(x)]
   arrays = [jax.tree_util.keystr(p) for p, x in leaves if not is_masked(x) and np.ndim(x) > 0]
-  n_frozen_params = len([k for k in frozen if k.startswith("['params']")])
+  n_frozen_params = len([k for k in frozen if k.startswith('params/')])
   assert len(masked) == 2 * n_frozen_params
   assert not any("['fc']" in k for k in masked)
   assert len(arrays) == 4 and all("['fc']" in k for k in arrays), arrays
@@ -158,12 +154,13 @@ def test_frozen_backbone_is_bit_identical_and_has_no_optimizer_state(data_dir, d
 
 def _scripted_evaluate(tested_states: list):
   """train.evaluate with VAL_ACCURACY_AT_STEP as validation accuracy; records the test state."""
-  def evaluate(eval_step, strategy, state, ds, split, batch_size):
-    out = REAL_EVALUATE(eval_step, strategy, state, ds, split, batch_size)
-    host = strategy.get_state(state)
+  def evaluate(run, state, split):
+    out = REAL_EVALUATE(run, state, split)
+    host = run.strategy.get_state(state)
     if split == 'validation':
-      return {**out, 'accuracy': VAL_ACCURACY_AT_STEP[int(host.step)]}
-    tested_states.append(host)
+      out.scalars['accuracy'] = VAL_ACCURACY_AT_STEP[int(host.step)]
+    else:
+      tested_states.append(host)
     return out
 
   return evaluate
@@ -226,14 +223,14 @@ def test_resumed_run_is_bit_identical_to_uninterrupted(runs):
   target = _setup(runs['config'])[2]
   (full, _), (resumed, _) = (checkpoint.Checkpointer(runs[n]).restore_latest(target)
                              for n in ('full', 'resumed'))
-  full, resumed = _flat(full), _flat(resumed)
+  full, resumed = flat(full), flat(resumed)
   assert full.keys() == resumed.keys()
-  assert int(full['.step']) == 2 * STEPS_PER_EPOCH
+  assert int(full['step']) == 2 * STEPS_PER_EPOCH
   for k in full:  # params, batch_stats, opt_state, step, rng
     np.testing.assert_array_equal(resumed[k], full[k], err_msg=k)
-  init = _flat(target)
-  assert not np.array_equal(full[".params['conv1']['kernel']"],
-                            init[".params['conv1']['kernel']"])
+  init = flat(target)
+  assert not np.array_equal(full['params/conv1/kernel'],
+                            init['params/conv1/kernel'])
 
   rows = {n: _read_jsonl(os.path.join(runs[n], 'metrics.jsonl')) for n in ('full', 'resumed')}
   assert [r['epoch'] for r in rows['resumed']] == [1, 2]
@@ -264,14 +261,25 @@ def test_workdir_outputs(runs):
   assert results['test_examples'] == 12
   tested = runs['tested']['full'][-1]  # the (best) state the run evaluated on the test split
   batch = next(data.build(runs['config'].data, seed=0).eval_batches('test', 12))
-  logits = train.create_model(runs['config']).apply(tested.variables, batch['image'], train=False)
-  correct = np.argmax(np.asarray(logits), -1) == batch['label']
+  logits, _ = train.create_model(runs['config']).apply(tested.variables, batch['image'],
+                                                       train=False)
+  predicted = np.argmax(np.asarray(logits), -1)
+  correct = predicted == batch['label']
   assert results['test_accuracy'] == pytest.approx(correct.mean(), abs=1e-9)
+  # The classification evaluator's arrays: confusion (rows true, columns predicted), per class.
+  confusion = np.zeros((NUM_CLASSES, NUM_CLASSES), np.int64)
+  np.add.at(confusion, (batch['label'], predicted), 1)
+  np.testing.assert_array_equal(np.load(os.path.join(workdir, 'confusion_test.npy')), confusion)
+  per_class = [correct[batch['label'] == c].mean() for c in range(NUM_CLASSES)]
+  np.testing.assert_allclose(list(results['test_per_class_accuracy'].values()), per_class)
+  assert list(results['test_per_class_accuracy']) == list(data.build(
+      runs['config'].data, seed=0).class_names)
   assert results['wall_time_s'] > results['compile_time_s'] > 0
   assert results['train_images_per_s'] > 0
 
-  with open(os.path.join(workdir, 'curves.png'), 'rb') as f:
-    assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+  for png in ('curves.png', 'confusion_test.png'):
+    with open(os.path.join(workdir, png), 'rb') as f:
+      assert f.read(8) == b'\x89PNG\r\n\x1a\n', png
 
   # The test split was evaluated once, on the best (epoch 1, step 3) state, not the final one.
   [tested] = runs['tested']['full']
@@ -279,8 +287,8 @@ def test_workdir_outputs(runs):
   best, _ = checkpoint.Checkpointer(workdir).restore_best(target)
   latest, _ = checkpoint.Checkpointer(workdir).restore_latest(target)
   assert int(tested.step) == int(best.step) == 3 and int(latest.step) == 6
-  for k, v in _flat(best.variables).items():
-    np.testing.assert_array_equal(_flat(tested.variables)[k], v, err_msg=k)
+  for k, v in flat(best.variables).items():
+    np.testing.assert_array_equal(flat(tested.variables)[k], v, err_msg=k)
 
 
 # ------------------------------------------------------------------------------------------
@@ -346,12 +354,13 @@ def test_kill_between_best_and_latest_writes_keeps_one_truth(data_dir, tmp_path,
       raise SystemExit(137)
     return real_save(mgr, step, state, meta)
 
-  def scripted(eval_step, strategy, state, ds, split, batch_size):
-    out = REAL_EVALUATE(eval_step, strategy, state, ds, split, batch_size)
-    host = strategy.get_state(state)
+  def scripted(run, state, split):
+    out = REAL_EVALUATE(run, state, split)
+    host = run.strategy.get_state(state)
     if split == 'validation':
-      return {**out, 'accuracy': val_by_step[int(host.step)]}
-    tested.append(int(host.step))
+      out.scalars['accuracy'] = val_by_step[int(host.step)]
+    else:
+      tested.append(int(host.step))
     return out
 
   with pytest.MonkeyPatch.context() as mp:
@@ -382,11 +391,11 @@ def test_batchnorm_mode_through_the_loop(data_dir, tmp_path):
     [row] = _read_jsonl(os.path.join(tmp_path / mode, 'metrics.jsonl'))
     assert row['images_per_s'] is None and results['train_images_per_s'] is None
     target = _setup(config)[2]
-    start = _flat(target.variables)
+    start = flat(target.variables)
     state, _ = checkpoint.Checkpointer(str(tmp_path / mode)).restore_latest(target)
-    ends[mode] = _flat(state.variables)
+    ends[mode] = flat(state.variables)
   stats = [k for k in start if k.startswith("['batch_stats']")]
-  backbone = [k for k in start if k.startswith("['params']") and "['fc']" not in k]
+  backbone = [k for k in start if k.startswith('params/') and not k.startswith('params/fc/')]
   for k in backbone:
     np.testing.assert_array_equal(ends['batch'][k], start[k], err_msg=k)
   for k in stats:
@@ -421,9 +430,9 @@ def test_bfloat16_step_keeps_float32_params(data_dir, dataset):
   assert np.isfinite(float(metrics['loss']))
   for tree in (new.params, new.batch_stats):
     assert {x.dtype for x in jax.tree.leaves(tree)} == {jnp.dtype(jnp.float32)}
-  before, after = _flat(state.params), _flat(new.params)
+  before, after = flat(state.params), flat(new.params)
   assert all(np.all(np.isfinite(v)) for v in after.values())
-  assert np.abs(after["['conv1']['kernel']"] - before["['conv1']['kernel']"]).max() > 0
+  assert np.abs(after['conv1/kernel'] - before['conv1/kernel']).max() > 0
 
 
 # ------------------------------------------------------------------------------------------
@@ -456,8 +465,8 @@ def test_triplet_losses_train_step(data_dir, dataset, loss, sampler, mode):
   if loss != 'triplet':
     np.testing.assert_allclose(m['loss'], m['ce'] + m['triplet'], rtol=1e-5)
   assert int(m['count']) == BATCH
-  before = _flat(state.params)["['conv1']['kernel']"]  # 'triplet' alone gives fc no gradient
-  after = _flat(new.params)["['conv1']['kernel']"]
+  before = flat(state.params)['conv1/kernel']  # 'triplet' alone gives fc no gradient
+  after = flat(new.params)['conv1/kernel']
   assert np.all(np.isfinite(after)) and not np.array_equal(before, after)
 
 

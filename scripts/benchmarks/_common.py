@@ -2,10 +2,13 @@
 
 For each model and framework, on the default device (JAX) and CUDA or CPU (torch):
   jax    float32 / bfloat16  the project's own step (`steps.make_train_step` or
-                             `make_eval_step`, compiled by `parallel.make(--parallel)`, SGD
-                             from `optim.make_optimizer`), compute dtype by `models.create(dtype=)`;
-  torch  float32             torchvision model (`weights=None`), SGD momentum 0.9, wd 1e-4 on
-                             the >1-D params (like optim.py), cross-entropy;
+                             `evaluators.make_eval_step`, compiled by `parallel.make()`, the
+                             optimizer `optim.make_optimizer` builds from the base config's
+                             `optim` (`flowers_jax.config.BASE`: SGD momentum 0.9, wd 1e-4)),
+                             compute dtype by `models.create(dtype=)`;
+  torch  float32             torchvision model (`weights=None`), SGD with the base config's lr,
+                             momentum and weight decay on the >1-D params (like optim.py),
+                             cross-entropy;
          amp+channels_last   CUDA only: autocast bfloat16, model and input channels_last;
          compile             `torch.compile` of the best torch row above (CUDA: on by default;
                              CPU: opt-in with --torch-compile on, inductor compiles for minutes);
@@ -118,10 +121,10 @@ def parse(argv: list[str], mode: str) -> argparse.Namespace:
 def ensure_ml_collections() -> str:
   """Registers a stand-in `ml_collections` module where the package is not installed.
 
-  `flowers_jax.steps` and `config_utils` import it at module level for type hints and
-  isinstance checks only; the benchmark passes plain namespaces (`config_utils.get` reads
-  them), so a module with an empty `ConfigDict` class lets the step import on a machine
-  with only jax + torch. Returns 'installed' or 'stand-in'.
+  `flowers_jax.steps` imports it at module level for type hints only; the benchmark passes
+  plain namespaces built from `flowers_jax.config.BASE` (`base_namespace`), so a module with
+  an empty `ConfigDict` class lets the step import on a machine with only jax + torch.
+  Returns 'installed' or 'stand-in'.
   """
   try:
     import ml_collections  # noqa: F401
@@ -230,20 +233,23 @@ def row(args, name: str, framework: str, variant: str, dtype: str, device_kind: 
 # -------------------------------------------------------------------------- JAX ---
 
 
-def _jax_configs(args):
-  """Plain namespaces for the step and optimizer (config_utils.get reads them)."""
-  train = types.SimpleNamespace(loss='ce', label_smoothing=0.0, freeze='none')
-  optim = types.SimpleNamespace(name='sgd', lr=0.01, momentum=0.9, nesterov=False,
-                                weight_decay=1e-4, schedule='cosine', warmup_steps=0,
-                                clip_norm=0.0, decay_norm_and_bias=False)
-  return train, optim
+def namespace(tree: dict) -> types.SimpleNamespace:
+  """A nested dict as nested namespaces: `namespace(BASE).optim.lr` like `config.optim.lr`."""
+  return types.SimpleNamespace(**{k: namespace(v) if isinstance(v, dict) else v
+                                  for k, v in tree.items()})
+
+
+def base_namespace() -> types.SimpleNamespace:
+  """The base config (`flowers_jax.config.BASE`, without ml_collections) as namespaces."""
+  from flowers_jax.config import BASE
+  return namespace(BASE)
 
 
 def _jax_setup(args, name: str, dtype: str, strategy):
   """Model, host state and compiled-to-be step function for `args.mode`."""
   import jax
   import jax.numpy as jnp
-  from flowers_jax import models, optim, steps
+  from flowers_jax import evaluators, models, optim, steps
 
   case = MODELS[name]
   options = dict(case.options, **({'image_size': args.size} if case.sized else {}))
@@ -252,16 +258,18 @@ def _jax_setup(args, name: str, dtype: str, strategy):
   x = jnp.zeros((1, args.size, args.size, 3), jnp.float32)
   keys = dict(zip(('params', 'dropout'), jax.random.split(jax.random.key(0))))
   variables = jax.device_get(jax.jit(lambda: model.init(keys, x, train=False))())
-  train_cfg, optim_cfg = _jax_configs(args)
-  tx = optim.make_optimizer(optim_cfg, variables['params'],
-                            total_steps=1 + args.warmup + args.steps, freeze='none',
+  config = base_namespace()
+  tx = optim.make_optimizer(config.optim, variables['params'],
+                            total_steps=1 + args.warmup + args.steps, freeze=config.train.freeze,
                             head_pattern=models.HEAD_PATTERNS[case.jax_name])
-  state = steps.TrainState.create(variables, tx, seed=0)
+  state = steps.TrainState.create(variables, tx, seed=config.seed)
   if args.mode == 'train':
-    fn = strategy.compile(steps.make_train_step(model, tx, train_cfg,
+    fn = strategy.compile(steps.make_train_step(model, tx, config.train,
                                                 axis_name=strategy.axis_name))
   else:
-    fn = strategy.compile(steps.make_eval_step(model, axis_name=strategy.axis_name),
+    evals = evaluators.get(config.evals.names)
+    fn = strategy.compile(evaluators.make_eval_step(model, evals, config.evals,
+                                                    axis_name=strategy.axis_name),
                           donate_state=False)
   return state, fn
 
@@ -362,12 +370,14 @@ def torch_model(name: str, size: int):
 
 
 def _torch_optimizer(model):
-  """SGD momentum 0.9, weight decay 1e-4 on the >1-D params only (as optim.py does)."""
+  """SGD with the base config's lr, momentum and weight decay, the decay on the >1-D params
+  only (as optim.py does)."""
   import torch
+  o = base_namespace().optim
   params = [p for p in model.parameters() if p.requires_grad]
-  groups = [{'params': [p for p in params if p.ndim > 1], 'weight_decay': 1e-4},
+  groups = [{'params': [p for p in params if p.ndim > 1], 'weight_decay': o.weight_decay},
             {'params': [p for p in params if p.ndim <= 1], 'weight_decay': 0.0}]
-  return torch.optim.SGD(groups, lr=0.01, momentum=0.9)
+  return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov)
 
 
 TORCH_VARIANTS = {  # variant -> (autocast dtype or None, channels_last)
