@@ -1,5 +1,8 @@
 """data.pp: op strings, presets equal to the fixed recipes they name, seeds, errors."""
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -139,15 +142,15 @@ def test_random_crop_is_a_uniform_window_of_the_padded_image():
   for s in range(150):
     crop = tr.random_crop(tf.constant(image), 8, tf.constant([s, 1], tf.int64), 2).numpy()
     assert crop.shape == (8, 8, 3)
-    found = [(t, l) for t in range(7) for l in range(9)
-             if np.array_equal(padded[t:t + 8, l:l + 8], crop)]
+    found = [(top, left) for top in range(7) for left in range(9)
+             if np.array_equal(padded[top:top + 8, left:left + 8], crop)]
     assert len(found) == 1
     offsets.append(found[0])
   tops, lefts = zip(*offsets)
   assert set(tops) == set(range(7)) and set(lefts) == set(range(9))
-  t, l = offsets[3]
+  top, left = offsets[3]
   again = tr.random_crop(tf.constant(image), 8, tf.constant([3, 1], tf.int64), 2).numpy()
-  np.testing.assert_array_equal(again, padded[t:t + 8, l:l + 8])
+  np.testing.assert_array_equal(again, padded[top:top + 8, left:left + 8])
 
 
 def test_parse_args_defaults_and_presets():
@@ -197,3 +200,22 @@ def test_config_errors_before_any_data_is_read(tmp_path):
   del cfg['train_augment'], cfg['cache']
   with pytest.raises(ValueError, match=r"missing keys \['cache'\]"):
     data.build(cfg, process_index=0, process_count=1)
+
+
+@pytest.mark.parametrize('spec', ['rrc_flip', 'flip', 'center_crop', 'random_crop(32, 4)|flip_lr',
+                                  'resize_small(50)|center_crop(32)', 'resize(32)'])
+def test_declared_output_sizes_match_the_traced_ops(spec):
+  """`parse` checks sizes from each op's declared `out`; tracing the ops gives the same."""
+  cfg = data.DataConfig.parse(_cfg())
+  pipe = pp.parse(spec, cfg)
+  traced = tf.function(pipe.__call__, autograph=False).get_concrete_function(
+      tf.TensorSpec([None, None, 3], tf.uint8), tf.TensorSpec([2], tf.int64))
+  assert tuple(traced.structured_outputs.shape) == pipe.output_shape() == (32, 32, 3)
+
+
+def test_parsing_a_config_does_not_import_tensorflow():
+  """Config errors come before the seconds TensorFlow takes to import (and its log lines)."""
+  code = ('import sys; from flowers_jax import data; from flowers_jax.config import base_config; '
+          'data.DataConfig.parse(base_config().data); '
+          'assert "tensorflow" not in sys.modules, "tensorflow imported"')
+  subprocess.run([sys.executable, '-c', code], check=True, timeout=120)

@@ -11,8 +11,8 @@ argument left out comes from the data config when the op names a key for it
 (``image_size``, ``eval_resize``, ``interpolation``), else from the op's own
 default; so ``center_crop`` is ``center_crop(config.data.image_size)``. Unknown ops,
 presets or arguments are a one-line ``ValueError`` from ``parse``, before any data
-is read; so is a spec whose output is not ``[image_size, image_size, 3]`` (``parse``
-traces the ops on a symbolic image).
+is read (and before TensorFlow is imported); so is a spec whose output is not
+``[image_size, image_size, 3]``, known from each op's declared output size.
 
 Decoding and normalisation are not ops: the ``pipeline.ImageStore`` decodes (once,
 possibly cached), and ``pipeline`` normalises the pp output with ImageNet mean/std,
@@ -25,7 +25,9 @@ position and triplet part), the k-th of a pipeline's n random ops gets
 hold random ops.
 
 A new op is one function of ``(image, args..., *, seed)`` under ``@register(...)``,
-whose keywords map arguments to the ``config.data`` keys that fill them.
+whose keywords map arguments to the ``config.data`` keys that fill them; ``out=``
+says what size it returns: ``'same'`` as its input (the default), ``'size'`` its
+``size`` argument squared, ``'any'`` unknown until a later op fixes it.
 """
 
 import ast
@@ -53,9 +55,12 @@ KEYS = {'pp_train': True, 'pp_eval': False}
 @dataclasses.dataclass(frozen=True)
 class Op:
   """A registered op: ``fn(image, args..., [*, seed])``; ``from_config`` maps an
-  argument to the ``config.data`` key that fills it when the spec leaves it out."""
+  argument to the ``config.data`` key that fills it when the spec leaves it out;
+  ``out`` is its output size: 'same' (as the input), 'size' (its ``size`` argument) or
+  'any'."""
   fn: Callable
   from_config: dict[str, str]
+  out: str = 'same'
 
   @property
   def random(self) -> bool:
@@ -76,10 +81,17 @@ class Op:
 OPS: dict[str, Op] = {}
 
 
-def register(**from_config: str) -> Callable:
-  """Decorator: registers ``fn`` under its name; ``from_config``: argument -> data key."""
+OUT_SIZES = ('same', 'size', 'any')
+
+
+def register(out: str = 'same', **from_config: str) -> Callable:
+  """Decorator: registers ``fn`` under its name; ``out``: its output size (``OUT_SIZES``);
+  ``from_config``: argument -> data key."""
+  if out not in OUT_SIZES:
+    raise ValueError(f'register(out={out!r}); valid: {OUT_SIZES}')
+
   def add(fn):
-    OPS[fn.__name__] = Op(fn, from_config)
+    OPS[fn.__name__] = Op(fn, from_config, out)
     return fn
   return add
 
@@ -87,25 +99,25 @@ def register(**from_config: str) -> Callable:
 # ---------------------------------------------------------------- ops: uint8 [H, W, 3] in
 
 
-@register(size='eval_resize', method='interpolation')
+@register(out='any', size='eval_resize', method='interpolation')
 def resize_small(image, size: int, method: Interpolation):
   """Shorter side -> ``size`` (torchvision ``Resize(size)``)."""
   return transforms.resize_shorter(image, size, method)
 
 
-@register(size='image_size', method='interpolation')
+@register(out='size', size='image_size', method='interpolation')
 def resize(image, size: int, method: Interpolation):
   """-> [size, size, 3], aspect ratio not kept."""
   return transforms.resize(image, size, size, method)
 
 
-@register(size='image_size')
+@register(out='size', size='image_size')
 def center_crop(image, size: int):
   """-> [size, size, 3] from the centre (torchvision ``CenterCrop``)."""
   return transforms.center_crop(image, size)
 
 
-@register(size='image_size', method='interpolation')
+@register(out='size', size='image_size', method='interpolation')
 def random_resized_crop(image, size: int, method: Interpolation,
                         scale: tuple = transforms.RRC_SCALE,
                         ratio: tuple = transforms.RRC_RATIO, *, seed):
@@ -113,7 +125,7 @@ def random_resized_crop(image, size: int, method: Interpolation,
   return transforms.random_resized_crop(image, size, seed, scale, ratio, method)
 
 
-@register(size='image_size')
+@register(out='size', size='image_size')
 def random_crop(image, size: int, padding: int = 0, *, seed):
   """torchvision ``RandomCrop(size, padding)``: zero-pad, crop at a random offset."""
   return transforms.random_crop(image, size, seed, padding)
@@ -152,15 +164,15 @@ class Pipeline:
     return image
 
   def output_shape(self) -> tuple:
-    """The static shape of the output for any uint8 [H, W, 3] input (traces the ops)."""
-    tf = _import_tf()
-    fn = tf.function(self.__call__, autograph=False).get_concrete_function(
-        tf.TensorSpec([None, None, 3], tf.uint8), tf.TensorSpec([2], tf.int64))
-    return tuple(fn.structured_outputs.shape)
+    """The output's shape for any uint8 [H, W, 3] input, None where it depends on it."""
+    size = None
+    for op, kwargs in self.ops:
+      size = {'same': size, 'size': kwargs.get('size'), 'any': None}[op.out]
+    return (size, size, 3)
 
 
 def _import_tf():
-  from flowers_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from flowers_jax.data import pipeline
   return pipeline.import_tf()
 
 
