@@ -169,18 +169,14 @@ class MBConv(nn.Module):
 
 
 class Stage(nn.Module):
-  """torch `features.{1..7}`: MBConv blocks named '0', '1', ..."""
+  """torch `features.{1..7}`: blocks named '0', '1', ..., `block(cfg)` an MBConv partial."""
   blocks: Sequence[BlockConfig]
-  attention: str
-  norm: ModuleDef
-  dtype: Any = jnp.float32
-  axis_name: str | None = None
+  block: ModuleDef
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     for i, cfg in enumerate(self.blocks):
-      x = MBConv(cfg, self.attention, self.norm, self.dtype, self.axis_name,
-                 name=str(i))(x, train)
+      x = self.block(cfg, name=str(i))(x, train)
     return x
 
 
@@ -196,9 +192,10 @@ class Features(nn.Module):
   def __call__(self, x, train: bool = False):
     cna = functools.partial(ConvNormAct, norm=self.norm, dtype=self.dtype)
     x = cna(STEM_CHANNELS, 3, stride=2, name='0')(x)
+    block = functools.partial(MBConv, attention=self.attention, norm=self.norm,
+                              dtype=self.dtype, axis_name=self.axis_name)
     for i, blocks in enumerate(self.stages):
-      x = Stage(blocks, self.attention, self.norm, self.dtype, self.axis_name,
-                name=str(i + 1))(x, train)
+      x = Stage(blocks, block, name=str(i + 1))(x, train)
     return cna(HEAD_CHANNELS, 1, name=str(len(self.stages) + 1))(x)
 
 

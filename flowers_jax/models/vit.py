@@ -88,14 +88,23 @@ class MLPBlock(nn.Module):
     return Dropout(self.dropout, self.axis_name)(x, deterministic=not train)
 
 
-class EncoderBlock(nn.Module):
-  """torchvision `EncoderBlock` (pre-norm): [B, N, D] -> [B, N, D]."""
+class _BlockFields(nn.Module):
+  """The hyper-parameters of an encoder block, shared by the modules that build blocks."""
   num_heads: int
   mlp_dim: int
   dropout: float = 0.0
   attention_dropout: float = 0.0
   dtype: Any = jnp.float32
-  axis_name: str | None = None
+  axis_name: str | None = None  # pmap batch axis: dropout masks drawn for the global batch
+
+  def fields_of(self, cls) -> dict:
+    """This module's values of `cls`'s fields, to build a `cls` with them."""
+    return {f.name: getattr(self, f.name) for f in dataclasses.fields(cls)
+            if f.name not in ('parent', 'name')}
+
+
+class EncoderBlock(_BlockFields):
+  """torchvision `EncoderBlock` (pre-norm): [B, N, D] -> [B, N, D]."""
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -115,15 +124,9 @@ class EncoderBlock(nn.Module):
                         name='mlp')(y, train)
 
 
-class _EncoderFields(nn.Module):
-  """The hyper-parameters shared by `Encoder` and its `EncoderLayers`."""
-  num_layers: int
-  num_heads: int
-  mlp_dim: int
-  dropout: float = 0.0
-  attention_dropout: float = 0.0
-  dtype: Any = jnp.float32
-  axis_name: str | None = None
+class _EncoderFields(_BlockFields):
+  """`_BlockFields` and the number of blocks."""
+  num_layers: int = 12
 
 
 class EncoderLayers(_EncoderFields):
@@ -132,8 +135,7 @@ class EncoderLayers(_EncoderFields):
   @nn.compact
   def __call__(self, x, train: bool = False):
     for i in range(self.num_layers):
-      x = EncoderBlock(self.num_heads, self.mlp_dim, self.dropout, self.attention_dropout,
-                       self.dtype, self.axis_name, name=f'encoder_layer_{i}')(x, train)
+      x = EncoderBlock(**self.fields_of(_BlockFields), name=f'encoder_layer_{i}')(x, train)
     return x
 
 
@@ -145,8 +147,7 @@ class Encoder(_EncoderFields):
     pos = self.param('pos_embedding', nn.initializers.normal(0.02), (1,) + x.shape[1:])
     x = x + jnp.asarray(pos, self.dtype)
     x = Dropout(self.dropout, self.axis_name)(x, deterministic=not train)
-    x = EncoderLayers(self.num_layers, self.num_heads, self.mlp_dim, self.dropout,
-                      self.attention_dropout, self.dtype, self.axis_name, name='layers')(x, train)
+    x = EncoderLayers(**self.fields_of(_EncoderFields), name='layers')(x, train)
     return layer_norm_(self.dtype, 'ln')(x)
 
 
@@ -208,8 +209,9 @@ class VisionTransformer(nn.Module):
     x = x.reshape(b, h * w, d)                                  # [B, N, D], row-major
     cls = self.param('class_token', nn.initializers.zeros, (1, 1, d))
     x = jnp.concatenate([jnp.broadcast_to(jnp.asarray(cls, x.dtype), (b, 1, d)), x], axis=1)
-    x = Encoder(self.num_layers, self.num_heads, self.mlp_dim, self.dropout,
-                self.attention_dropout, self.dtype, self.bn_axis_name, name='encoder')(x, train)
+    x = Encoder(num_layers=self.num_layers, num_heads=self.num_heads, mlp_dim=self.mlp_dim,
+                dropout=self.dropout, attention_dropout=self.attention_dropout,
+                dtype=self.dtype, axis_name=self.bn_axis_name, name='encoder')(x, train)
     pre_logits = x[:, 0]                                         # class token, [B, D]
     logits = Heads(self.num_classes, self.dtype, name='heads')(pre_logits)
     return logits.astype(jnp.float32), {'pre_logits': pre_logits.astype(jnp.float32)}
