@@ -28,9 +28,11 @@ demo: $(STAMP) $(DEMO_DATA)/setid.mat
 	@echo ">> demo done: results in $(DEMO_DIR)/results.json, curves in $(DEMO_DIR)/curves.png"
 
 test: $(STAMP)
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15
 
 test-all: $(STAMP)
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q -n 2 --dist loadfile -m ''
 
 # CPU benchmark at small sizes: every model, JAX vs torch float32 training steps side by side

@@ -224,7 +224,3 @@ def stop_signal() -> int:
   """The number of the stop signal received since `install_signal_handlers`, 0 for none."""
   return _SIGNAL[0]
 
-
-def should_stop() -> bool:
-  """Whether a stop signal has arrived since `install_signal_handlers`."""
-  return bool(_SIGNAL[0])

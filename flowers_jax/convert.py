@@ -44,7 +44,8 @@ to the registration decorator; nothing in this file changes::
                            tuple(f'params/{_L}/{n}/kernel' for n in ('query', 'key', 'value')),
                            to_flax=_split_qkv_kernel, to_torch=_merge_qkv_kernel),
         ...)
-    TORCHVISION_ALIASES = ((r'\\.mlp\\.linear_1\\.', '.mlp.0.'), (r'\\.mlp\\.linear_2\\.', '.mlp.3.'))
+    TORCHVISION_ALIASES = ((r'\\.mlp\\.linear_1\\.', '.mlp.0.'),
+                           (r'\\.mlp\\.linear_2\\.', '.mlp.3.'))
 
     @registry.register('vit_b16', head=r'^heads/', torchvision='vit_b_16',
                        torch_rules=TORCHVISION_RULES, torch_aliases=TORCHVISION_ALIASES)
@@ -346,13 +347,13 @@ def _state_dict_arrays(source: Mapping) -> dict[str, Array]:
 def _torch_load(path: str):
   """torch.load of a weights file; ValueError (one line) for anything torch cannot read."""
   try:
-    import torch  # pylint: disable=g-import-not-at-top  (the torch extra, only for .pth)
+    import torch  # the torch extra, only for .pth
   except ImportError:
     raise ImportError(f'reading {path} needs torch (pip install flowers_jax[torch]); or '
                       'convert it with scripts/convert_torchvision.py') from None
   try:
     return torch.load(path, map_location='cpu', weights_only=True)
-  except Exception as e:  # pylint: disable=broad-except  (Unpickling, Runtime, EOF...)
+  except Exception as e:  # Unpickling, Runtime, EOF...
     reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
     raise ValueError(f'{path} is not a torch weights file ({type(e).__name__}: {reason}); '
                      f'{EXPECTED_WEIGHTS}') from None
@@ -363,7 +364,7 @@ def _read_directory(name: str, path: str) -> dict[str, Array]:
   try:
     metadata = load_metadata(path) if os.path.exists(
         os.path.join(path, '_CHECKPOINT_METADATA')) else {}
-  except Exception:  # pylint: disable=broad-except  (orbax: a damaged or foreign layout)
+  except Exception:  # orbax: a damaged or foreign layout
     metadata = {}
   if 'model' not in metadata:
     raise ValueError(f'{path} is a directory but not a converted checkpoint; '

@@ -65,7 +65,7 @@ class Run:
   def logits(self, images: np.ndarray) -> np.ndarray:
     """float32 [B, S, S, 3] (normalised) -> float32 [B, num_classes]."""
     if self._apply is None:
-      import jax  # pylint: disable=g-import-not-at-top
+      import jax
       model = self.model
       self._apply = jax.jit(lambda v, x: model.apply(v, x, train=False)[0].astype('float32'))
     return np.asarray(self._apply(self.variables, images))
@@ -76,7 +76,7 @@ class Run:
 
 def load_config(workdir: str):
   """The run's `config.json` as a ConfigDict."""
-  import ml_collections  # pylint: disable=g-import-not-at-top
+  import ml_collections
   path = os.path.join(workdir, 'config.json')
   if not os.path.isdir(workdir):
     raise PredictError(f'run directory {workdir!r} does not exist')
@@ -99,7 +99,7 @@ def _names_from_run(workdir: str, config) -> tuple[tuple[str, ...], str] | None:
 
 
 def _flowers_names(config) -> tuple[tuple[str, ...], str]:
-  from flowers_jax.data import sources  # pylint: disable=g-import-not-at-top
+  from flowers_jax.data import sources
   names = sources.default_class_names(config.model.num_classes)
   kind = 'Flowers102' if len(names) == 102 else 'generic'
   return names, f'{kind} names of data.source={config.data.source!r}'
@@ -153,10 +153,10 @@ def _store_names(workdir: str, names: Sequence[str]) -> None:
 
 def restore_target(config, model):
   """A TrainState shaped like the run's (train.py's create_model + optimizer), zeros inside."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from flowers_jax import models, optim  # pylint: disable=g-import-not-at-top
-  from flowers_jax.steps import TrainState  # pylint: disable=g-import-not-at-top
+  import jax
+  import jax.numpy as jnp
+  from flowers_jax import models, optim
+  from flowers_jax.steps import TrainState
   size = config.data.image_size
   shapes = jax.eval_shape(
       lambda: model.init({'params': jax.random.key(0), 'dropout': jax.random.key(1)},
@@ -172,7 +172,7 @@ def restore_target(config, model):
 
 def restore(workdir: str, config, model) -> tuple[dict, str, dict]:
   """(variables, 'best' | 'latest', meta) of the run's best checkpoint, else its latest."""
-  from flowers_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  from flowers_jax import checkpoint
   if not os.path.isdir(os.path.join(workdir, 'checkpoints')):
     raise PredictError(f'{workdir} has no checkpoints/ (was it run with '
                        'train.checkpoint=False?)')
@@ -194,7 +194,7 @@ def restore(workdir: str, config, model) -> tuple[dict, str, dict]:
 
 def load_run(workdir: str, *, quiet: bool = False) -> Run:
   """Restores `workdir`'s best (else latest) checkpoint; see `Run`."""
-  from flowers_jax import train  # pylint: disable=g-import-not-at-top
+  from flowers_jax import train
   config = load_config(workdir)
   model = train.create_model(config)
   variables, kind, meta = restore(workdir, config, model)
@@ -226,7 +226,7 @@ def expand_paths(args: Sequence[str]) -> tuple[list[str], list[tuple[str, str]]]
 
 
 def _read_error(path: str) -> str | None:
-  from flowers_jax.data import sources  # pylint: disable=g-import-not-at-top
+  from flowers_jax.data import sources
   try:
     with open(path, 'rb') as f:
       sources.image_header(f.read())
@@ -240,7 +240,7 @@ def _read_error(path: str) -> str | None:
 
 def decode(paths: Sequence[str]):
   """Decodes every readable image once: (Split of the good ones, images, [(path, error)])."""
-  from flowers_jax.data import pipeline, sources  # pylint: disable=g-import-not-at-top
+  from flowers_jax.data import pipeline, sources
   errors, good = [], []
   for p in paths:
     e = _read_error(p)
@@ -254,8 +254,10 @@ def decode(paths: Sequence[str]):
 
 
 def eval_batches(config, split, images, batch: int):
-  """The run's eval transform over decoded `images`: yields (positions [b], float32 [b, S, S, 3])."""
-  from flowers_jax.data import dataset, pipeline, samplers  # pylint: disable=g-import-not-at-top
+  """The run's eval transform over decoded `images`.
+
+  Yields (positions [b], float32 [b, S, S, 3])."""
+  from flowers_jax.data import dataset, pipeline, samplers
   cfg = dataset.DataConfig.parse(config.data)
   plan = samplers.eval_plan(len(split), batch)
   store = pipeline.ImageStore(split, 'decoded', images)
@@ -274,7 +276,7 @@ def top_k(probs: np.ndarray, names: Sequence[str], k: int) -> list[dict]:
 def predict_files(run: Run, paths: Sequence[str], top: int = 5, batch: int = 32
                   ) -> tuple[list[dict], list[tuple[str, str]]]:
   """([{'path', 'top': top_k(...)}] in input order, [(path, error)] of skipped images)."""
-  import scipy.special  # pylint: disable=g-import-not-at-top
+  import scipy.special
   split, images, errors = decode(paths)
   results = []
   if len(split):

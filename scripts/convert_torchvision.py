@@ -1,7 +1,8 @@
 """Converts torchvision weights into a Flax (orbax) checkpoint directory.
 
     python scripts/convert_torchvision.py --model resnet18 --weights resnet18.pth --out ckpt/r18
-    python scripts/convert_torchvision.py --model vit_b16 --download --out ckpt/vit --num-classes 102
+    python scripts/convert_torchvision.py --model vit_b16 --download --out ckpt/vit \
+        --num-classes 102
     python scripts/convert_torchvision.py --model resnet18 --weights r18.pth --out ckpt/r18d \
         --option deform=after_conv1
 
@@ -55,13 +56,13 @@ def parse_args(argv):
 
 def download(name: str):
   """torchvision's DEFAULT pretrained state_dict for the registered model `name`."""
-  import torchvision  # pylint: disable=g-import-not-at-top
+  import torchvision
   tv_name = models.spec(name).torchvision
   return torchvision.models.get_model(tv_name, weights='DEFAULT').state_dict()
 
 
 def main(argv=None) -> convert.Report:
-  import jax  # pylint: disable=g-import-not-at-top
+  import jax
 
   args = parse_args(sys.argv[1:] if argv is None else argv)
   options = dict(args.option)

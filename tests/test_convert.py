@@ -321,7 +321,7 @@ def toy_model():
                     torch_aliases=((r'^classifier\.', 'head.'),))(
       lambda num_classes=3, *, bn_axis_name=None, dtype=jnp.float32: Toy(num_classes))
   yield 'toy_qk'
-  registry._MODELS.pop('toy_qk')  # pylint: disable=protected-access
+  registry._MODELS.pop('toy_qk')
   registry.HEAD_PATTERNS.pop('toy_qk')
 
 
@@ -332,8 +332,9 @@ def test_special_rules_split_merge_and_aliases(toy_model):
   torch_sd = {k: v.astype(np.float32) for k, v in torch_sd.items()}
   variables, report = convert.torchvision_to_flax(toy_model, torch_sd)
   assert not report.initialised and not report.dropped
-  np.testing.assert_array_equal(variables['params']['k']['kernel'], torch_sd['attn.in_proj_weight'][4:].T)
-  np.testing.assert_array_equal(variables['params']['head']['kernel'], torch_sd['classifier.weight'].T)
+  params = variables['params']
+  np.testing.assert_array_equal(params['k']['kernel'], torch_sd['attn.in_proj_weight'][4:].T)
+  np.testing.assert_array_equal(params['head']['kernel'], torch_sd['classifier.weight'].T)
   back = convert.flax_to_torchvision(toy_model, variables)
   assert sorted(back) == ['attn.in_proj_weight', 'cls_token', 'head.bias', 'head.weight']
   for key in torch_sd:

@@ -117,7 +117,7 @@ def test_eval_exact_over_hosts_and_devices(eval37_dir):
         total += float(mask.sum())
   assert sorted(seen) == sorted(truth)
   assert total == 37
-  direct = np.mean([predict(np.array(i), np.array(l)) == l for i, l in truth.items()])
+  direct = np.mean([predict(np.array(i), np.array(y)) == y for i, y in truth.items()])
   assert correct / total == pytest.approx(direct)
   # The padded rows are exactly the last 3 of the global batch.
   last = np.concatenate([per_host[0][-1]['mask'], per_host[1][-1]['mask']])

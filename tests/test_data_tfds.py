@@ -90,7 +90,7 @@ def same_files(tmp_path_factory):
   data_dir = tmp_path_factory.mktemp('tfds')
   files = {'images': str(root), 'labels': str(root / 'imagelabels.mat'),
            'setid': str(root / 'setid.mat')}
-  from tensorflow_datasets.core import dataset_builder  # pylint: disable=g-import-not-at-top
+  from tensorflow_datasets.core import dataset_builder
   # tfds 4.9.10 needs the importlib_resources backport even on Python >= 3.9.
   with mock.patch.object(dataset_builder, 'importlib_resources', importlib.resources), \
        mock.patch.object(tfds.download.DownloadManager, 'download_and_extract',

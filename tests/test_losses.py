@@ -130,7 +130,7 @@ def test_batch_hard_pmap_mines_globally():
   out = subprocess.run([sys.executable, '-c', script], env=env,
                        capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-3000:]
-  line = [l for l in out.stdout.splitlines() if l.startswith('RESULT')][0]
+  line = [x for x in out.stdout.splitlines() if x.startswith('RESULT')][0]
   ref, got, grad_diff, grad_scale, local_only = map(float, line.split()[1:])
   assert ref > 0
   np.testing.assert_allclose(got, ref, rtol=1e-5)

@@ -147,7 +147,8 @@ def _cli(workdir, data_dir, port=None, process_id=0, local_devices=4, extra=(), 
           '--config.optim.lr=1e-5']
   if port is not None:
     args += [f'--config.distributed.coordinator_address=127.0.0.1:{port}',
-             '--config.distributed.num_processes=2', f'--config.distributed.process_id={process_id}']
+             '--config.distributed.num_processes=2',
+             f'--config.distributed.process_id={process_id}']
   args += list(extra)
   env = {**{k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'},
          'XLA_FLAGS': f'--xla_force_host_platform_device_count={local_devices}'}

@@ -93,7 +93,7 @@ def test_corrupt_image_is_named_and_skipped(trained, tmp_path):
                          str(folder), '--json', '--top', '3'],
                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr
-  skipped = [l for l in proc.stderr.splitlines() if l.startswith('skipped ')]
+  skipped = [x for x in proc.stderr.splitlines() if x.startswith('skipped ')]
   assert len(skipped) == 1 and 'broken.jpg' in skipped[0], proc.stderr
   out = json.loads(proc.stdout)
   assert out['checkpoint'] == 'best'

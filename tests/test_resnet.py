@@ -155,7 +155,7 @@ def test_bfloat16_compute_keeps_float32_params(flax_resnet18):
   _, x = images((2, 3, 32, 32))
   model = models.create('resnet18', dtype=jnp.bfloat16)
   params = jax.eval_shape(model.init, jax.random.PRNGKey(0), x)['params']
-  assert {l.dtype for l in jax.tree_util.tree_leaves(params)} == {jnp.dtype('float32')}
+  assert {x.dtype for x in jax.tree_util.tree_leaves(params)} == {jnp.dtype('float32')}
   logits, out = jax.jit(model.apply)(variables, x)
   assert logits.dtype == out['pre_logits'].dtype == jnp.float32
   ref, _ = jax.jit(models.create('resnet18').apply)(variables, x)

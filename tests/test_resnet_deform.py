@@ -147,7 +147,7 @@ def test_bfloat16_deform_variant_keeps_float32_params():
   x = jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32)
   variables = jax.eval_shape(functools.partial(model.init, train=False),
                              jax.random.PRNGKey(0), x)
-  assert {l.dtype for l in jax.tree_util.tree_leaves(variables)} == {jnp.dtype('float32')}
+  assert {x.dtype for x in jax.tree_util.tree_leaves(variables)} == {jnp.dtype('float32')}
   logits, out = jax.eval_shape(model.apply, variables, x)
   assert logits.dtype == out['pre_logits'].dtype == jnp.float32
 

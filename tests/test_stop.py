@@ -7,8 +7,6 @@ saved). Resuming from such a checkpoint is tested in test_train.py.
 
 import os
 import signal
-import subprocess
-import sys
 import time
 
 from flowers_jax import checkpoint, data

@@ -52,4 +52,6 @@ from flowers_jax.data.fake import make_fake_flowers
 from flowers_jax.data.flowers102 import CLASS_NAMES
 from flowers_jax.data.transforms import IMAGENET_MEAN
 from flowers_jax.data.transforms import IMAGENET_STD
-from flowers_jax.data.transforms import normalize_np
+
+__all__ = ['build', 'DataConfig', 'Dataset', 'make_fake_flowers', 'CLASS_NAMES', 'IMAGENET_MEAN',
+           'IMAGENET_STD']

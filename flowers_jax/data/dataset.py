@@ -192,7 +192,7 @@ def build(config: Any, seed: int = 0, process_index: int | None = None,
   """
   cfg = DataConfig.parse(config)
   if process_index is None or process_count is None:
-    import jax  # pylint: disable=g-import-not-at-top
+    import jax
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
   if not 0 <= process_index < process_count:

@@ -38,14 +38,14 @@ def _import_triton_first():
   if 'tensorflow' not in sys.modules and importlib.util.find_spec('triton') is not None:
     try:
       importlib.import_module('triton')
-    except Exception:  # pylint: disable=broad-except
+    except Exception:
       pass
 
 
 def import_tf():
   """TensorFlow for the input pipeline only: hide GPUs from it so JAX keeps them."""
   _import_triton_first()
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf
   try:
     tf.config.set_visible_devices([], 'GPU')
   except RuntimeError:  # TF already initialised its devices; nothing to hide any more.

@@ -110,7 +110,7 @@ def check_labels(source: Source) -> None:
 
 
 def _loadmat(path: str, keys: tuple[str, ...]) -> dict[str, np.ndarray]:
-  import scipy.io  # pylint: disable=g-import-not-at-top
+  import scipy.io
   if not os.path.isfile(path):
     raise FileNotFoundError(f'Missing {os.path.basename(path)} in'
                             f' {os.path.dirname(path)}: {_FOLDER_LAYOUT}.')
@@ -211,7 +211,7 @@ TFDS_DOWNLOAD_HOST = 'www.robots.ox.ac.uk'  # where TFDS's oxford_flowers102 dow
 
 def _can_reach(host: str, port: int = 443, timeout: float = 5.0) -> bool:
   """Whether a TCP connection to `host` opens within `timeout` s (TFDS would retry for minutes)."""
-  import socket  # pylint: disable=g-import-not-at-top
+  import socket
   try:
     with socket.create_connection((host, port), timeout=timeout):
       return True
@@ -238,9 +238,9 @@ def read_tfds(data_dir: str, name: str = 'oxford_flowers102') -> Source:
   """TFDS ``oxford_flowers102`` with undecoded image bytes, held in memory."""
   if 'tensorflow_datasets' not in sys.modules:  # else its import is paid (or mocked in tests)
     _check_tfds_reachable(data_dir, name)
-  from flowers_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from flowers_jax.data import pipeline
   pipeline.import_tf()
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  import tensorflow_datasets as tfds
   builder = tfds.builder(name, data_dir=data_dir or None)
   try:
     if not builder.is_prepared():
@@ -292,7 +292,7 @@ def read(source: str, data_dir: str) -> Source:
 
 def image_header(data: bytes) -> tuple[str, int, int]:
   """(format, height, width) from an encoded image's header; ValueError if not an image."""
-  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from PIL import Image
   try:
     with Image.open(io.BytesIO(data)) as im:
       fmt, (width, height) = im.format, im.size

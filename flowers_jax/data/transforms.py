@@ -15,15 +15,13 @@ stateless seed ``int64 [2]`` so an example's augmentation is a pure function of
   upsampling; torch tensors use a=-0.75). Results are rounded and clipped to
   [0, 255] as a uint8 PIL pipeline would be. Antialiasing costs ~2x in throughput.
 - ``random_crop``: ``RandomCrop(size, padding)`` (zero padding, uniform offsets).
-- ``normalize``: ``/255``, minus ImageNet mean, over ImageNet std; numpy twin
-  ``normalize_np`` for code that must not import TensorFlow.
+- ``normalize``: ``/255``, minus ImageNet mean, over ImageNet std.
 """
 
 from __future__ import annotations
 
 import math
 
-import numpy as np
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -32,14 +30,8 @@ RRC_RATIO = (3 / 4, 4 / 3)
 INTERPOLATIONS = ('bilinear', 'bicubic', 'nearest', 'area')
 
 
-def normalize_np(image_uint8: np.ndarray) -> np.ndarray:
-  """uint8 [..., 3] -> float32 normalised with ImageNet mean/std."""
-  x = np.asarray(image_uint8, np.float32) / 255.0
-  return (x - np.float32(IMAGENET_MEAN)) / np.float32(IMAGENET_STD)
-
-
 def _tf():
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf
   return tf
 
 

@@ -13,8 +13,10 @@ Each model file registers itself with `@registry.register(name, head=...)`; impo
 it below is all a new model needs.
 """
 
-from flowers_jax.models.registry import HEAD_PATTERNS, ModelSpec, TorchRule, create, names, register, spec
+from flowers_jax.models.registry import (HEAD_PATTERNS, ModelSpec, TorchRule, create, names,
+                                        register, spec)
 
 # Model files: importing registers them.
-from flowers_jax.models import resnet  # noqa: E402,F401
-from flowers_jax.models import efficientnet, vit  # noqa: E402,F401
+from flowers_jax.models import efficientnet, resnet, vit  # noqa: F401
+
+__all__ = ['HEAD_PATTERNS', 'ModelSpec', 'TorchRule', 'create', 'names', 'register', 'spec']
