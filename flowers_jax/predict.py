@@ -164,7 +164,7 @@ def restore_target(config, model):
   variables = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
   head = models.HEAD_PATTERNS[config.model.name]
   # The schedule's length does not change the optimizer state's structure.
-  total_steps = int(config.optim.get('warmup_steps', 0) or 0) + 1
+  total_steps = int(config.optim.warmup_steps) + 1
   tx = optim.make_optimizer(config.optim, variables['params'], total_steps=total_steps,
                             freeze=config.train.freeze, head_pattern=head)
   return TrainState.create(variables, tx, config.seed)

@@ -353,7 +353,7 @@ def _with_stop_flag(batches: Iterator[dict]) -> Iterator[dict]:
 def _checked(metrics: dict, step: int) -> dict:
   """Returns `metrics`, or stops the run if the step made anything non-finite (nothing saved)."""
   loss = float(metrics['loss'])
-  if not math.isfinite(loss) or float(metrics.get('finite', 1.0)) < 1.0:
+  if not math.isfinite(loss) or float(metrics['finite']) < 1.0:
     what = f'loss ({loss})' if not math.isfinite(loss) else 'parameters after the update'
     raise NonFiniteLossError(
         f'non-finite {what} at step {step}; the run stopped without saving it and the last '

@@ -13,7 +13,7 @@ from flowers_jax import models
 torch = pytest.importorskip('torch')
 torchvision = pytest.importorskip('torchvision')
 
-TOL = 1e-4  # DESIGN.md measured ~4e-6 for the logits
+TOL = 1e-4  # measured ~4e-6 for the logits
 
 
 def randomise_batchnorm(module, generator):

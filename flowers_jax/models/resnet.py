@@ -58,7 +58,7 @@ from flowers_jax.models.layers.conv import conv_general_dilated
 from flowers_jax.models.layers.norm import torch_batchnorm
 
 HEAD = r'^fc/'
-# Deformable-convolution placements (DESIGN.md section 5; see the module docstring).
+# Deformable-convolution placements (see the module docstring).
 DEFORM_OPTIONS = ('none', 'after_conv1', 'parallel_conv1', 'every_stage')
 DEFORM_INIT_OPTIONS = ('random', 'pretrained')
 
