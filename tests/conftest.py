@@ -1,6 +1,21 @@
-"""Test setup: 4 fake CPU devices for the parallel tests (must be set before jax is imported)."""
+"""Test setup, before jax is imported: 4 fake CPU devices for the parallel tests, and one XLA
+compilation cache for the whole session.
 
+The cache directory is made once, by the first process that loads this file (pytest itself,
+or the xdist controller), and inherited through the environment by the xdist workers and by
+every subprocess a test starts (the CLI, the multi-host workers): runs that compile the same
+programs (the demo ResNet18 at the same sizes, in many tests) compile them once. It is removed
+when that first process exits.
+"""
+
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=4')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+  _cache = tempfile.mkdtemp(prefix='flowers_jax_tests_xla_cache_')
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = _cache
+  atexit.register(shutil.rmtree, _cache, ignore_errors=True)

@@ -4,7 +4,8 @@ One jitted `steps.make_train_step` per variant on 4 random images at 32 px, with
 own loss (triplets, P x K labels), freezing, BatchNorm mode, dtype and optimizer. Compiling
 dominates (15-90 s per variant on 2 busy cores, ViT-B/16 and EfficientNet-B0 the most), so
 `make test` runs the `FAST` ones, one per code path (frozen head with BatchNorm, bfloat16 + step
-schedule, deformable conv, the demo); the rest are marked slow: `make test-all`, or
+schedule, deformable conv; the demo config's own path runs through the whole loop in
+test_train, test_cli and test_predict); the rest are marked slow: `make test-all`, or
 `pytest -m slow tests/test_variants.py`.
 """
 
@@ -20,8 +21,7 @@ from flowers_jax import config_utils, losses, models, optim, steps, train
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 CONFIGS = ('resnet18', 'demo', 'efficientnet_b0', 'vit_b16')
-FAST = {('resnet18', 'frozen'), ('resnet18', 'strong'), ('resnet18', 'deform_parallel_conv1'),
-        ('demo', 'default')}
+FAST = {('resnet18', 'frozen'), ('resnet18', 'strong'), ('resnet18', 'deform_parallel_conv1')}
 SIZE, BATCH = 32, 4
 
 
