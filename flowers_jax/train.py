@@ -288,11 +288,13 @@ def _build(config: ml_collections.ConfigDict, workdir: str) -> tuple[Run, TrainS
   _check_batch_size(tc.eval_batch_size, 'train.eval_batch_size')
   strategy = parallel.make(config.parallel)
   model = create_model(config, bn_axis_name=strategy.axis_name)
-  variables = initial_variables(config, model, config.data.image_size)  # a bad file stops early
+  # The data set's files and headers first (seconds, no TensorFlow), then the weights (a torch
+  # import or an init compile): a wrong path or class count stops before either.
   ds = data.build(config.data, seed=config.seed)
   if ds.num_classes != config.model.num_classes:
     raise ValueError(f'the data set has {ds.num_classes} classes but model.num_classes='
                      f'{config.model.num_classes}; set --config.model.num_classes={ds.num_classes}')
+  variables = initial_variables(config, model, config.data.image_size)
   steps_per_epoch = ds.steps_per_epoch(tc.batch_size)
   if tc.max_steps_per_epoch:
     steps_per_epoch = min(steps_per_epoch, tc.max_steps_per_epoch)
