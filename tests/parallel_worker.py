@@ -16,17 +16,12 @@ IMAGE = 32
 
 
 def make_config():
-  import ml_collections
-  c = ml_collections.ConfigDict()
-  c.loss = 'ce'
-  c.label_smoothing = 0.0
-  c.triplet_margin = 1.0
-  c.triplet_weight = 1.0
-  o = ml_collections.ConfigDict()
-  o.name, o.lr, o.momentum, o.nesterov, o.weight_decay = 'sgd', 0.01, 0.9, False, 1e-4
-  o.schedule, o.warmup_steps, o.clip_norm, o.decay_norm_and_bias = 'constant', 0, 0.0, False
-  o.b1, o.b2, o.step_boundaries, o.step_factor = 0.9, 0.999, (0.5,), 0.1
-  return c, o
+  """(config.train, config.optim): the base config's (CE; SGD momentum 0.9, lr 0.01, weight
+  decay 1e-4) with a constant learning rate."""
+  from flowers_jax.config import base_config
+  c = base_config()
+  c.optim.schedule = 'constant'
+  return c.train, c.optim
 
 
 def global_batch(step: int, image: int = IMAGE):

@@ -18,6 +18,7 @@ import optax
 import pytest
 
 from flowers_jax import checkpoint, config_utils, data, models, optim, parallel, steps, train
+from flowers_jax import config as config_lib
 from tree_util import flat
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -45,13 +46,7 @@ def make_config(data_dir, **overrides):
   c.train.log_every = 1
   c.optim.lr = 1e-3
   c.optim.warmup_steps = 0
-  for dotted, value in overrides.items():
-    *parents, leaf = dotted.split('.')
-    node = c
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return c
+  return config_lib.override(c, overrides, 'make_config')
 
 
 @pytest.fixture(scope='module', autouse=True)
