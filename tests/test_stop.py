@@ -7,6 +7,7 @@ saved). Resuming from such a checkpoint is tested in test_train.py.
 
 import os
 import signal
+import subprocess
 import time
 
 from flowers_jax import checkpoint, data
@@ -23,6 +24,10 @@ def _wait_for(proc_out: str, text: str, timeout: float) -> None:
                        + (open(proc_out).read()[-3000:] if os.path.exists(proc_out) else ''))
 
 
+def _tails(logs: list[str]) -> str:
+  return '\n'.join(f'--- {f}:\n' + open(f).read()[-2000:] for f in logs if os.path.exists(f))
+
+
 def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path):
   data_dir = tmp_path / 'data'
   data.make_fake_flowers(str(data_dir), num_classes=4, per_class=40, image_size=20, seed=0)
@@ -36,14 +41,17 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path):
     _wait_for(logs[0], 'epoch 1/50 step 3/', timeout=300)
     procs[1].send_signal(signal.SIGTERM)
     t0 = time.time()
-    codes = [p.wait(timeout=120) for p in procs]
+    try:
+      codes = [p.wait(timeout=120) for p in procs]
+    except subprocess.TimeoutExpired as e:
+      raise AssertionError(f'still running 120 s after SIGTERM:\n{_tails(logs)}') from e
     exited_after = time.time() - t0
   finally:
     for p in procs:
       p.kill()
   outs = [open(f).read() for f in logs]
   print(f'both processes exited {exited_after:.1f}s after SIGTERM to process 1')
-  assert codes == [143, 143], outs[0][-2000:] + outs[1][-2000:]
+  assert codes == [143, 143], _tails(logs)
   assert 'interrupted: saved a checkpoint' in outs[0]
   meta = checkpoint.Checkpointer(str(workdir)).latest_meta()
   assert meta is not None and (meta['step_in_epoch'] > 0 or meta['epoch'] > 0)
