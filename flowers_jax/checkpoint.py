@@ -40,6 +40,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 from typing import Any
 
@@ -84,12 +85,57 @@ def _jsonable(meta: dict[str, Any]) -> dict[str, Any]:
   return json.loads(json.dumps(dict(meta), default=default))
 
 
+class DiskSpaceError(OSError):
+  """The disk cannot hold the run's checkpoints; raised before the first step."""
+
+
+def state_bytes(state: PyTree) -> int:
+  """Bytes of `state`'s arrays: an upper bound of what one checkpoint of it takes on disk.
+
+  orbax compresses, but trained weights and optimizer moments barely compress (within 10%,
+  tests/test_checkpoint.py); only zeros, e.g. a fresh momentum, do.
+  """
+  return sum(int(np.prod(np.shape(x))) * np.dtype(x.dtype).itemsize
+             for x in jax.tree.leaves(_to_saveable(state)))
+
+
+def free_bytes(path: str) -> int:
+  """Free bytes on the file system that holds `path` (or its nearest existing parent)."""
+  path = os.path.abspath(path)
+  while not os.path.exists(path):
+    path = os.path.dirname(path)
+  return shutil.disk_usage(path).free
+
+
+def _mib(n: int) -> str:
+  return f'{n / 2**20:,.1f} MiB'
+
+
+def _tree_bytes(path: str) -> int:
+  return sum(os.path.getsize(os.path.join(d, f))
+             for d, _, files in os.walk(path) for f in files)
+
+
+def _least_over_processes(values: list[int]) -> list[int]:
+  """Element-wise minimum of the non-negative ints `values` over all processes (the same answer
+  on each). They travel as two int32 halves: without jax_enable_x64 an int64 would be cut."""
+  if jax.process_count() == 1:
+    return values
+  from jax.experimental import multihost_utils
+  halves = np.asarray([[v >> 30, v & (2**30 - 1)] for v in values], np.int32)
+  gathered = np.asarray(multihost_utils.process_allgather(halves))  # [processes, values, 2]
+  return [min(int(hi) << 30 | int(lo) for hi, lo in gathered[:, i])
+          for i in range(len(values))]
+
+
 class Checkpointer:
   """'latest' and 'best' checkpoints of one run under `workdir/checkpoints`."""
 
   def __init__(self, workdir: str, *, keep_latest: int = 2):
     root = os.path.join(os.path.abspath(os.fspath(workdir)), 'checkpoints')
     self.directory = root
+    # At most `keep_latest` latest + 1 best on disk, and one more while a save is written.
+    self.copies_at_peak = keep_latest + 2
     self._latest = ocp.CheckpointManager(
         os.path.join(root, 'latest'),
         options=ocp.CheckpointManagerOptions(max_to_keep=keep_latest))
@@ -98,6 +144,24 @@ class Checkpointer:
         options=ocp.CheckpointManagerOptions(max_to_keep=1))
 
   # -- saving ----------------------------------------------------------------
+
+  def check_room(self, state: PyTree) -> None:
+    """Raises DiskSpaceError unless the disk can hold this run's checkpoints at their peak
+    (`copies_at_peak` copies of `state`, counting what `checkpoints/` already holds).
+
+    Every process takes the same decision: the least free space and the least existing size
+    over all processes decide.
+    """
+    size = state_bytes(state)
+    free, existing = _least_over_processes([free_bytes(self.directory),
+                                            _tree_bytes(self.directory)])
+    needed = self.copies_at_peak * size - existing
+    if free < needed:
+      raise DiskSpaceError(
+          f'not enough disk for the checkpoints in {self.directory}: {self.copies_at_peak} '
+          f'copies of a {_mib(size)} train state need {_mib(needed)} more, and {_mib(free)} '
+          'are free; free some space, choose another '
+          '--workdir, or train without checkpoints (--config.train.checkpoint=False)')
 
   @staticmethod
   def _save(mgr: ocp.CheckpointManager, step: int, state: PyTree,

@@ -67,7 +67,8 @@ def main(argv):
   from flowers_jax import checkpoint, train
   try:
     train.train_and_evaluate(config, FLAGS.workdir)
-  except (FileNotFoundError, ValueError, train.NonFiniteLossError) as e:
+  except (FileNotFoundError, ValueError, checkpoint.DiskSpaceError,
+          train.NonFiniteLossError) as e:
     _fail(str(e).splitlines()[0])
   finally:
     checkpoint.restore_signal_handlers()

@@ -505,6 +505,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   os.makedirs(workdir, exist_ok=True)
   run, state = _build(config, workdir)
   loop, state = _resume(run, state)
+  if run.checkpoints is not None:
+    run.checkpoints.check_room(state)
   _write_json(os.path.join(workdir, 'config.json'), config.to_dict())
   _write_json(os.path.join(workdir, CLASS_NAMES_FILE), list(run.ds.class_names))
   best = Best(run.checkpoints)

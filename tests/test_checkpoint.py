@@ -79,6 +79,41 @@ def test_latest_round_trip_is_bit_identical(tmp_path):
       jax.random.uniform(got.rng, (3,)), jax.random.uniform(saved.rng, (3,)))
 
 
+def test_room_check_counts_peak_copies_and_what_is_on_disk(tmp_path, monkeypatch):
+  """`state_bytes` bounds one saved copy of incompressible arrays within 10%; `check_room`
+  wants `copies_at_peak` copies minus what checkpoints/ already holds, and says what to do."""
+  rng = np.random.default_rng(0)
+  params = {'w': jnp.asarray(rng.normal(size=(256, 1024)), jnp.float32)}
+  tx = optax.adamw(1e-3)
+  _, opt_state = tx.update({'w': jnp.asarray(rng.normal(size=(256, 1024)), jnp.float32)},
+                           tx.init(params), params)
+  state = {'params': params, 'opt_state': opt_state, 'rng': jax.random.key(0)}
+  size = checkpoint.state_bytes(state)
+  assert size > 3 * 2**20   # params, mu and nu: 1 MiB each
+  ckpt = checkpoint.Checkpointer(tmp_path)
+  ckpt.save_latest(1, state, {'epoch': 1})
+  on_disk = checkpoint._tree_bytes(ckpt.directory)
+  assert 0.9 * size <= on_disk <= size, (on_disk, size)
+  assert ckpt.copies_at_peak == 4   # 2 latest + 1 best + the one being written
+  needed = 4 * size - on_disk
+  monkeypatch.setattr(checkpoint, 'free_bytes', lambda path: needed)
+  ckpt.check_room(state)
+  monkeypatch.setattr(checkpoint, 'free_bytes', lambda path: needed - 1)
+  with pytest.raises(checkpoint.DiskSpaceError,
+                     match=r'not enough disk .*--config.train.checkpoint=False'):
+    ckpt.check_room(state)
+
+
+def test_least_over_processes_is_exact_beyond_int32(monkeypatch):
+  """Free bytes past 2**31 (any disk today) survive the int32 all-gather of a jax without x64."""
+  from jax.experimental import multihost_utils
+  other = [3 * 2**40 + 5, 7]     # the other process's [free, existing]
+  monkeypatch.setattr(jax, 'process_count', lambda: 2)
+  monkeypatch.setattr(multihost_utils, 'process_allgather', lambda x: np.stack(
+      [x, np.asarray([[v >> 30, v & (2**30 - 1)] for v in other], np.int32)]))
+  assert checkpoint._least_over_processes([3 * 2**40 + 9, 2**33]) == [3 * 2**40 + 5, 7]
+
+
 def test_latest_keeps_newest_and_overwrites_same_step(tmp_path):
   ckpt = checkpoint.Checkpointer(tmp_path, keep_latest=2)
   for step in (1, 2, 3):

@@ -22,9 +22,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESNET18 = config_utils.load_module(os.path.join(ROOT, 'configs', 'resnet18.py'))
 
 
-def run_cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+def run_cli(*args: str, timeout: int = 300,
+            entry: tuple[str, ...] = ('-m', 'flowers_jax.main')) -> subprocess.CompletedProcess:
   env = {k: v for k, v in os.environ.items() if k not in ('XLA_FLAGS', 'TF_CPP_MIN_LOG_LEVEL')}
-  return subprocess.run([sys.executable, '-m', 'flowers_jax.main', *args], cwd=ROOT, env=env,
+  return subprocess.run([sys.executable, *entry, *args], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=timeout)
 
 
@@ -195,6 +196,21 @@ def test_weights_that_are_not_a_torch_file(tmp_path, three_classes):
                                 '--config.model.num_classes=3', f'--config.init.torchvision={mat}',
                                 '--config.data.image_size=32', timeout=60))
   assert 'imagelabels.mat' in line and '.pth' in line, line
+
+
+def test_too_little_disk_is_one_line_before_training(tmp_path, three_classes):
+  """The CLI's main with `checkpoint.free_bytes` patched to 1 MiB (a test has no small disk)."""
+  entry = ('-c', 'from absl import app; from flowers_jax import checkpoint, main; '
+           'checkpoint.free_bytes = lambda path: 2**20; '
+           'app.run(main.main, flags_parser=main.parse_flags)')
+  workdir = tmp_path / 'w'
+  line = one_error_line(run_cli('--config', 'configs/demo.py', '--workdir', str(workdir),
+                                f'--config.data.dir={three_classes}',
+                                '--config.model.num_classes=3', '--config.train.batch_size=4',
+                                '--config.train.eval_batch_size=4', '--config.optim.warmup_steps=0',
+                                entry=entry, timeout=120))
+  assert 'not enough disk' in line and '1.0 MiB are free' in line, line
+  assert not os.listdir(workdir / 'checkpoints' / 'latest')
 
 
 def test_tfds_without_network_says_so_at_once(tmp_path):

@@ -319,6 +319,19 @@ def test_one_step_at_huge_lr_saves_nothing(data_dir, tmp_path):
   assert not (workdir / 'results.json').exists()
 
 
+def test_too_little_disk_stops_before_the_first_step(data_dir, tmp_path, monkeypatch):
+  """The demo ResNet18's params and its optimizer's two moments (128 MiB; 4 copies at the
+  peak) do not fit in 50 MiB: the run stops before its first step, having saved nothing."""
+  monkeypatch.setattr(checkpoint, 'free_bytes', lambda path: 50 * 2**20)
+  workdir = tmp_path / 'small_disk'
+  with pytest.raises(checkpoint.DiskSpaceError, match=r'4 copies of a 128\.0 MiB train state '
+                     r'need 51\d\.\d MiB more, and 50\.0 MiB are free'):
+    train.train_and_evaluate(make_config(data_dir), str(workdir))
+  for kind in ('latest', 'best'):
+    assert not os.listdir(workdir / 'checkpoints' / kind), kind
+  assert not (workdir / 'config.json').exists()
+
+
 def test_metrics_files_are_strict_json():
   row = {'a': float('nan'), 'b': [1.0, float('inf')], 'c': np.float32('-inf'), 'd': 0.5}
   assert json.loads(train._dumps(row)) == {'a': None, 'b': [1.0, None], 'c': None, 'd': 0.5}
