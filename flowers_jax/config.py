@@ -102,6 +102,8 @@ BASE: dict[str, Any] = {
         'coordinator_address': '',  # 'host:port', or 'auto' (TPU pods, SLURM); '' = one host
         'num_processes': 1,
         'process_id': 0,
+        # A process silent this long (crashed, killed) ends the run on every host; jax's default.
+        'heartbeat_timeout_s': 100,
     },
 }
 

@@ -121,6 +121,7 @@ RULES: tuple[Rule, ...] = (
     Rule('optim.step_factor', _number_in(0, math.inf, lo_open=True, hi_open=True),
          'a number > 0'),
     Rule('optim.clip_norm', _number_in(0, math.inf, hi_open=True), 'a number >= 0 (0: off)'),
+    Rule('distributed.heartbeat_timeout_s', _int_at_least(1), 'an integer >= 1 (seconds)'),
 )
 
 

@@ -11,6 +11,7 @@ docstring), e.g. `configs/resnet18.py:frozen` or
 
 import os
 import sys
+import traceback
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')  # tensorflow's C++ INFO lines (oneDNN notice)
 
@@ -26,9 +27,21 @@ config_flags.DEFINE_config_file('config', None,
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and results.')
 
 
-def _fail(message: str) -> None:
+def _fail(message: str, *, alone: bool = False) -> None:
   print(f'error: {message}', file=sys.stderr)
-  sys.exit(2)
+  _exit(2, alone=alone)
+
+
+def _exit(code: int, *, alone: bool) -> None:
+  """Exits with `code`. `alone`: one process of a multi-host run leaving on its own error, at
+  once (`os._exit`): a normal exit would wait in jax.distributed's shutdown barrier for up to
+  5 minutes, for peers blocked in a collective this process will never join. Without its
+  heartbeats the peers are ended after `distributed.heartbeat_timeout_s`."""
+  if not alone:
+    sys.exit(code)
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(code)
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -62,14 +75,21 @@ def main(argv):
     config_checks.validate(config)
   except ValueError as e:
     _fail(str(e).splitlines()[0])
-  parallel.initialize_distributed(config.distributed.coordinator_address,
-                                  config.distributed.num_processes, config.distributed.process_id)
+  dist = config.distributed
+  parallel.initialize_distributed(dist.coordinator_address, dist.num_processes, dist.process_id,
+                                  dist.heartbeat_timeout_s)
+  many_hosts = bool(dist.coordinator_address)
   from flowers_jax import checkpoint, train
   try:
     train.train_and_evaluate(config, FLAGS.workdir)
   except (FileNotFoundError, ValueError, checkpoint.DiskSpaceError,
           train.NonFiniteLossError) as e:
-    _fail(str(e).splitlines()[0])
+    _fail(str(e).splitlines()[0], alone=many_hosts)
+  except Exception:
+    if not many_hosts:
+      raise
+    traceback.print_exc()
+    _exit(1, alone=True)
   finally:
     checkpoint.restore_signal_handlers()
 

@@ -36,23 +36,27 @@ PyTree = Any
 StepFn = Callable[[PyTree, dict], tuple]
 
 
-def initialize_distributed(coordinator_address: str, num_processes: int, process_id: int) -> None:
+def initialize_distributed(coordinator_address: str, num_processes: int, process_id: int,
+                           heartbeat_timeout_s: int = 100) -> None:
   """Calls `jax.distributed.initialize`, with gloo collectives when running on CPU.
 
   Must run before anything touches a jax device. A no-op for an empty address; 'auto' lets
-  jax find the cluster itself (TPU pods, SLURM, ...).
+  jax find the cluster itself (TPU pods, SLURM, ...). A process that sends no heartbeat for
+  `heartbeat_timeout_s` seconds (it crashed, or failed and left) makes the coordination
+  service end every other process, which may be blocked in a collective it will never finish.
   """
   if not coordinator_address:
     return
+  timeouts = {'heartbeat_timeout_seconds': heartbeat_timeout_s}
   if coordinator_address == 'auto':
-    jax.distributed.initialize()
+    jax.distributed.initialize(**timeouts)
     return
   try:
     jax.config.update('jax_cpu_collectives_implementation', 'gloo')
   except AttributeError:  # pragma: no cover - older jax
     pass
   jax.distributed.initialize(coordinator_address=coordinator_address,
-                             num_processes=num_processes, process_id=process_id)
+                             num_processes=num_processes, process_id=process_id, **timeouts)
 
 
 def _check_rows(x, n: int):

@@ -134,10 +134,11 @@ def test_two_processes_match_one_device(tmp_path):
     print(f'{mode}: 2 hosts x 2 devices vs 1 device max abs diff {worst:.2e}')
 
 
-def _cli(workdir, data_dir, port=None, process_id=0, local_devices=4, extra=(), log=None):
+def _cli(workdir, data_dir, port=None, process_id=0, local_devices=4, extra=(), log=None,
+         entry=('-m', 'flowers_jax.main')):
   """The CLI on the fake set; with `port`, as one of 2 processes (gloo on 127.0.0.1).
-  `extra`: more flags; `log`: a file for its output (else a pipe)."""
-  args = [sys.executable, '-m', 'flowers_jax.main', '--config', 'configs/demo.py',
+  `extra`: more flags; `log`: a file for its output (else a pipe); `entry`: what python runs."""
+  args = [sys.executable, *entry, '--config', 'configs/demo.py',
           '--workdir', str(workdir), f'--config.data.dir={data_dir}',
           '--config.model.num_classes=4', '--config.data.image_size=16',
           '--config.train.epochs=2', '--config.train.batch_size=8',

@@ -1,8 +1,11 @@
-"""Stopping a 2-process run (2 x 2 fake CPU devices, gloo on 127.0.0.1) with SIGTERM to one.
+"""Stopping a 2-process run (2 x 2 fake CPU devices, gloo on 127.0.0.1).
 
-Every process must stop at the same step, save `latest` once (orbax saves are collectives) and
-exit with 143 within seconds (before this change: both still running 60 s later, nothing
-saved). Resuming from such a checkpoint is tested in test_train.py.
+SIGTERM to one: every process must stop at the same step, save `latest` once (orbax saves are
+collectives) and exit with 143 within seconds (before this change: both still running 60 s
+later, nothing saved). Resuming from such a checkpoint is tested in test_train.py.
+
+An error in one: it exits at once, and the other, blocked in a collective, is ended after the
+heartbeat timeout (before: both hung for jax's 5-minute shutdown barrier, then aborted).
 """
 
 import os
@@ -56,3 +59,44 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path):
   meta = checkpoint.Checkpointer(str(workdir)).latest_meta()
   assert meta is not None and (meta['step_in_epoch'] > 0 or meta['epoch'] > 0)
 
+
+
+# Process 1 of the CLI, its 6th batch raising (the stop flag is read as each batch is made).
+FAILING_PROCESS_1 = (
+    'import sys\n'
+    'from absl import app\n'
+    'from flowers_jax import checkpoint, main\n'
+    'if "--config.distributed.process_id=1" in sys.argv:\n'
+    '  calls, real = [], checkpoint.stop_signal\n'
+    '  def failing():\n'
+    '    calls.append(1)\n'
+    '    if len(calls) == 6:\n'
+    '      raise RuntimeError("simulated failure in process 1")\n'
+    '    return real()\n'
+    '  checkpoint.stop_signal = failing\n'
+    'app.run(main.main, flags_parser=main.parse_flags)\n')
+
+
+def test_an_error_in_one_process_ends_every_process_within_the_heartbeat_timeout(tmp_path):
+  data_dir = tmp_path / 'data'
+  data.make_fake_flowers(str(data_dir), num_classes=4, per_class=40, image_size=20, seed=0)
+  extra = ['--config.train.epochs=50', '--config.distributed.heartbeat_timeout_s=10']
+  port = _free_port()
+  logs = [str(tmp_path / f'p{i}.log') for i in range(2)]
+  procs = [_cli(tmp_path / 'run', data_dir, port, i, local_devices=2, extra=extra, log=logs[i],
+                entry=('-c', FAILING_PROCESS_1)) for i in range(2)]
+  try:
+    try:
+      failed = procs[1].wait(timeout=300)
+      t0 = time.time()
+      ended = procs[0].wait(timeout=90)
+    except subprocess.TimeoutExpired as e:
+      raise AssertionError(f'a process still running:\n{_tails(logs)}') from e
+    after = time.time() - t0
+  finally:
+    for p in procs:
+      p.kill()
+  print(f'process 0 ended {after:.1f}s after process 1 failed')
+  assert failed == 1, _tails(logs)
+  assert 'RuntimeError: simulated failure in process 1' in open(logs[1]).read()
+  assert ended != 0 and after < 60, _tails(logs)
