@@ -112,8 +112,15 @@ def _mib(n: int) -> str:
 
 
 def _tree_bytes(path: str) -> int:
-  return sum(os.path.getsize(os.path.join(d, f))
-             for d, _, files in os.walk(path) for f in files)
+  """Bytes of the files under `path`; a file removed while it is counted counts 0."""
+  total = 0
+  for d, _, files in os.walk(path):
+    for f in files:
+      try:
+        total += os.path.getsize(os.path.join(d, f))
+      except FileNotFoundError:
+        pass
+  return total
 
 
 def _least_over_processes(values: list[int]) -> list[int]:
