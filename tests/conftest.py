@@ -4,8 +4,9 @@ compilation cache for the whole session.
 The cache directory is made once, by the first process that loads this file (pytest itself,
 or the xdist controller), and inherited through the environment by the xdist workers and by
 every subprocess a test starts (the CLI, the multi-host workers): runs that compile the same
-programs (the demo ResNet18 at the same sizes, in many tests) compile them once. It is removed
-when that first process exits.
+programs (the demo ResNet18 at the same sizes, in many tests) compile them once; programs
+that take 0.5 s or more to compile are kept (jax's default: 1 s). It is removed when that first
+process exits.
 """
 
 import atexit
@@ -19,3 +20,4 @@ if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
   _cache = tempfile.mkdtemp(prefix='flowers_jax_tests_xla_cache_')
   os.environ['JAX_COMPILATION_CACHE_DIR'] = _cache
   atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.5')

@@ -49,23 +49,6 @@ def make_config(data_dir, **overrides):
   return config_lib.override(c, overrides, 'make_config')
 
 
-@pytest.fixture(scope='module', autouse=True)
-def _compilation_cache(tmp_path_factory):
-  """A persistent XLA cache for this module only: its runs compile the same ResNet18 init,
-  train and eval programs several times (~7 s each on 2 CPU cores without it)."""
-  from jax.experimental.compilation_cache import compilation_cache
-  settings = {'jax_compilation_cache_dir': str(tmp_path_factory.mktemp('xla_cache')),
-              'jax_persistent_cache_min_compile_time_secs': 0.5}
-  previous = {k: getattr(jax.config, k) for k in settings}
-  for k, v in settings.items():
-    jax.config.update(k, v)
-  compilation_cache.reset_cache()
-  yield
-  for k, v in previous.items():
-    jax.config.update(k, v)
-  compilation_cache.reset_cache()
-
-
 @pytest.fixture(scope='module')
 def data_dir(tmp_path_factory):
   d = tmp_path_factory.mktemp('flowers')
