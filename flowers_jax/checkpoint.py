@@ -95,8 +95,7 @@ def state_bytes(state: PyTree) -> int:
   orbax compresses, but trained weights and optimizer moments barely compress (within 10%,
   tests/test_checkpoint.py); only zeros, e.g. a fresh momentum, do.
   """
-  return sum(int(np.prod(np.shape(x))) * np.dtype(x.dtype).itemsize
-             for x in jax.tree.leaves(_to_saveable(state)))
+  return sum(x.nbytes for x in jax.tree.leaves(_to_saveable(state)))
 
 
 def free_bytes(path: str) -> int:

@@ -94,5 +94,10 @@ def main(argv):
     checkpoint.restore_signal_handlers()
 
 
-if __name__ == '__main__':
+def run() -> None:
+  """The command line: absl's app with this module's flag parsing."""
   app.run(main, flags_parser=parse_flags)
+
+
+if __name__ == '__main__':
+  run()

@@ -200,9 +200,8 @@ def test_weights_that_are_not_a_torch_file(tmp_path, three_classes):
 
 def test_too_little_disk_is_one_line_before_training(tmp_path, three_classes):
   """The CLI's main with `checkpoint.free_bytes` patched to 1 MiB (a test has no small disk)."""
-  entry = ('-c', 'from absl import app; from flowers_jax import checkpoint, main; '
-           'checkpoint.free_bytes = lambda path: 2**20; '
-           'app.run(main.main, flags_parser=main.parse_flags)')
+  entry = ('-c', 'from flowers_jax import checkpoint, main; '
+           'checkpoint.free_bytes = lambda path: 2**20; main.run()')
   workdir = tmp_path / 'w'
   line = one_error_line(run_cli('--config', 'configs/demo.py', '--workdir', str(workdir),
                                 f'--config.data.dir={three_classes}',

@@ -70,7 +70,6 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path):
 # Process 1 of the CLI, its 6th batch raising (the stop flag is read as each batch is made).
 FAILING_PROCESS_1 = (
     'import sys\n'
-    'from absl import app\n'
     'from flowers_jax import checkpoint, main\n'
     'if "--config.distributed.process_id=1" in sys.argv:\n'
     '  calls, real = [], checkpoint.stop_signal\n'
@@ -80,7 +79,7 @@ FAILING_PROCESS_1 = (
     '      raise RuntimeError("simulated failure in process 1")\n'
     '    return real()\n'
     '  checkpoint.stop_signal = failing\n'
-    'app.run(main.main, flags_parser=main.parse_flags)\n')
+    'main.run()\n')
 
 
 def test_an_error_in_one_process_ends_every_process_within_the_heartbeat_timeout(tmp_path):
