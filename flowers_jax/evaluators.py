@@ -2,7 +2,8 @@
 
 The loop evaluates the validation split after every epoch and the test split at the best
 checkpoint. One compiled eval step runs the model once per batch and gives every chosen evaluator
-the float32 `logits [B, C]` and `pre_logits [B, D]`; each evaluator returns
+the `logits [B, C]` and `pre_logits [B, D]` in float32 (float64 in float64 runs, `precision.py`);
+each evaluator returns
 
   sums  arrays added over the batch's real rows (mask 1), reduced over devices and hosts in the
         step, then added over batches on the host: exact on any device count;
@@ -34,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flowers_jax import parallel
+from flowers_jax.precision import promote
 
 Array = jax.Array
 Scalars = dict[str, float]
@@ -168,7 +170,7 @@ def make_eval_step(model, evaluators: tuple[Evaluator, ...], evals_cfg: Any, *,
 
   def eval_step(state, batch: dict):
     logits, out = model.apply(state.variables, batch['image'], train=False)
-    logits, pre_logits = logits.astype(jnp.float32), out['pre_logits'].astype(jnp.float32)
+    logits, pre_logits = promote(logits), promote(out['pre_logits'])
     sums, rows = {}, {}
     for e in evaluators:
       s, r = e.device(logits, pre_logits, batch, axis_name, evals_cfg)

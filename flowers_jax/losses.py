@@ -1,9 +1,9 @@
 """Classification and metric-learning losses.
 
 Every loss takes per-example weights `mask` [B] (1 real, 0 padding; None = all
-ones) and returns the mask-weighted mean over the batch as a float32 scalar
-(0 when the mask is all zeros). Inputs may be bfloat16; losses compute in
-float32.
+ones) and returns the mask-weighted mean over the batch as a scalar (0 when
+the mask is all zeros). Losses compute in `precision.compute_dtype` of their
+inputs: float32 for float32 and bfloat16 inputs, float64 for float64 ones.
 
 - `cross_entropy`: torch `F.cross_entropy(..., label_smoothing=ls)`.
 - `triplet_margin`: torch `nn.TripletMarginLoss(margin, p=2, eps=1e-6)`:
@@ -28,13 +28,16 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from flowers_jax.precision import promote
+
 Array = jax.Array
 
 
-def _weights(mask: Array | None, batch_size: int) -> Array:
+def _weights(mask: Array | None, batch_size: int, dtype) -> Array:
+  """The per-example weights [batch_size] in `dtype` (ones for no mask)."""
   if mask is None:
-    return jnp.ones((batch_size,), jnp.float32)
-  return jnp.asarray(mask, jnp.float32)
+    return jnp.ones((batch_size,), dtype)
+  return jnp.asarray(mask, dtype)
 
 
 def _weighted_mean(values: Array, weights: Array) -> Array:
@@ -75,26 +78,25 @@ def cdist(a: Array, b: Array) -> Array:
 def cross_entropy(logits: Array, labels: Array, mask: Array | None = None,
                   label_smoothing: float = 0.0) -> Array:
   """Softmax CE of logits [B, C] against int labels [B], mean over mask."""
-  logits = logits.astype(jnp.float32)
+  logits = promote(logits)
   num_classes = logits.shape[-1]
   logp = jax.nn.log_softmax(logits)
-  target = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
+  target = jax.nn.one_hot(labels, num_classes, dtype=logits.dtype)
   if label_smoothing:
     target = target * (1.0 - label_smoothing) + label_smoothing / num_classes
   per_example = -jnp.sum(target * logp, axis=-1)
-  return _weighted_mean(per_example, _weights(mask, logits.shape[0]))
+  return _weighted_mean(per_example, _weights(mask, logits.shape[0], logits.dtype))
 
 
 def triplet_margin(anchor: Array, positive: Array, negative: Array,
                    margin: float = 1.0, eps: float = 1e-6,
                    mask: Array | None = None) -> Array:
   """torch `nn.TripletMarginLoss(margin, p=2, eps)` on [B, D] embeddings."""
-  anchor, positive, negative = (
-      x.astype(jnp.float32) for x in (anchor, positive, negative))
+  anchor, positive, negative = (promote(x) for x in (anchor, positive, negative))
   d_pos = pairwise_distance(anchor, positive, eps)
   d_neg = pairwise_distance(anchor, negative, eps)
   per_example = jax.nn.relu(margin + d_pos - d_neg)
-  return _weighted_mean(per_example, _weights(mask, anchor.shape[0]))
+  return _weighted_mean(per_example, _weights(mask, anchor.shape[0], anchor.dtype))
 
 
 def batch_hard_triplet(emb: Array, labels: Array, margin: float = 1.0,
@@ -113,9 +115,9 @@ def batch_hard_triplet(emb: Array, labels: Array, margin: float = 1.0,
   gather's transpose carries each loss's gradient back to the device that
   owns the embedding) gives the global-batch gradient.
   """
-  emb = emb.astype(jnp.float32)
+  emb = promote(emb)
   b = emb.shape[0]
-  w = _weights(mask, b)
+  w = _weights(mask, b, emb.dtype)
   if axis_name is None:
     all_emb, all_labels, all_w, offset = emb, labels, w, 0
   else:

@@ -28,8 +28,10 @@ def single():
   return worker.flatten(dict(zip(('params', 'batch_stats'), worker.train('single', 3))))
 
 
-def _assert_close(a: dict, b: dict, rtol=1e-5, atol=1e-10):
-  """Every leaf equal within rtol (the runs are float64, see parallel_worker.train)."""
+def _assert_close(a: dict, b: dict, rtol=1e-9, atol=1e-12):
+  """Every leaf equal to float64 precision (the runs are float64 down to the loss, see
+  parallel_worker.train): the modes add the same numbers in other orders, ~2e-14 apart after
+  3 steps on jax 0.10 and 0.12 alike. A float32 loss or logit anywhere gives ~5e-8 on jax 0.12."""
   assert a.keys() == b.keys()
   for k in a:
     np.testing.assert_allclose(a[k], b[k], rtol=rtol, atol=atol, err_msg=k)
@@ -73,7 +75,7 @@ def _random_single(model: str) -> dict:
 def test_dropout_and_stochastic_depth_match_on_any_device_count(model, mode, n_devices):
   got = worker.flatten(dict(zip(('params', 'batch_stats'), worker.train(
       mode, 3, devices=jax.devices()[:n_devices], model=model))))
-  worst = _assert_close(_random_single(model), got, atol=1e-8)
+  worst = _assert_close(_random_single(model), got)
   print(f'{model} {mode} x {n_devices}: max abs diff vs 1 device after 3 steps: {worst:.2e}')
 
 
@@ -97,7 +99,7 @@ def test_resume_under_pmap_with_dropout_is_identical(model, tmp_path):
   same stream of dropout masks (the rng and step come back with the state)."""
   got = worker.flatten(dict(zip(('params', 'batch_stats'), worker.train(
       'pmap', 3, model=model, checkpoint_at=2, workdir=str(tmp_path)))))
-  _assert_close(_random_single(model), got, atol=1e-8)
+  _assert_close(_random_single(model), got)
 
 
 def test_single_device_result_moves(single):

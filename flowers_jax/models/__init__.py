@@ -6,8 +6,9 @@
     models.HEAD_PATTERNS[name]   # regex on param paths matching the classifier head
     logits, out = model.apply(variables, x, train=False)  # x [B, H, W, 3]
 
-Every model returns `(logits [B, num_classes], {'pre_logits': [B, D]})`, both float32,
-pre_logits being the features the classifier head acts on (big_vision's convention).
+Every model returns `(logits [B, num_classes], {'pre_logits': [B, D]})`, both float32 for
+float32 and bfloat16 runs, float64 for float64 ones (`flowers_jax/precision.py`), pre_logits
+being the features the classifier head acts on (big_vision's convention).
 
 Each model file registers itself with `@registry.register(name, head=...)`; importing
 it below is all a new model needs.

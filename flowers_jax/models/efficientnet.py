@@ -51,6 +51,7 @@ from flowers_jax.models.layers import torch_init
 from flowers_jax.models.layers.conv import conv_general_dilated
 from flowers_jax.models.layers.dropout import Dropout, stochastic_depth
 from flowers_jax.models.layers.norm import torch_batchnorm
+from flowers_jax.precision import promote
 
 HEAD = r'^classifier/'
 ATTENTION_OPTIONS = tuple(attention_lib.ATTENTION)
@@ -232,7 +233,8 @@ class EfficientNet(nn.Module):
     statistics and updates 'batch_stats' (torch's unbiased running variance).
 
     Returns:
-      (logits [B, num_classes], {'pre_logits': [B, 1280]}), both float32.
+      (logits [B, num_classes], {'pre_logits': [B, 1280]}), both float32 (float64 for float64
+      runs, `precision.py`).
     """
     if self.attention not in ATTENTION_OPTIONS:
       raise ValueError(f'unknown attention={self.attention!r}; valid: {ATTENTION_OPTIONS}')
@@ -243,7 +245,7 @@ class EfficientNet(nn.Module):
     pre_logits = jnp.mean(x, axis=(1, 2))  # AdaptiveAvgPool2d(1) + flatten: [B, 1280]
     logits = Classifier(self.num_classes, self.dropout, self.dtype, self.bn_axis_name,
                         name='classifier')(pre_logits, train)
-    return logits.astype(jnp.float32), {'pre_logits': pre_logits.astype(jnp.float32)}
+    return promote(logits), {'pre_logits': promote(pre_logits)}
 
 
 @registry.register('efficientnet_b0', head=HEAD)

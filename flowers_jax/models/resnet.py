@@ -56,6 +56,7 @@ from flowers_jax.models.layers import deform as deform_layers
 from flowers_jax.models.layers import torch_init
 from flowers_jax.models.layers.conv import conv_general_dilated
 from flowers_jax.models.layers.norm import torch_batchnorm
+from flowers_jax.precision import promote
 
 HEAD = r'^fc/'
 # Deformable-convolution placements (see the module docstring).
@@ -235,7 +236,8 @@ class ResNet(nn.Module):
     dropout); `bn_train` uses batch statistics and updates 'batch_stats'.
 
     Returns:
-      (logits [B, num_classes], {'pre_logits': [B, D]}), both float32; D is the
+      (logits [B, num_classes], {'pre_logits': [B, D]}), float32 (float64 for float64
+      runs, `precision.py`); D is the
       pooled width, 512 (ResNet-18/34) or 2048 (ResNet-50).
     """
     self._check_options()
@@ -255,7 +257,7 @@ class ResNet(nn.Module):
                       kernel_init=torch_init.kaiming_uniform_a_sqrt5,
                       bias_init=torch_init.uniform_fan_in(pre_logits.shape[-1]),
                       name='fc')(pre_logits)
-    return logits.astype(jnp.float32), {'pre_logits': pre_logits.astype(jnp.float32)}
+    return promote(logits), {'pre_logits': promote(pre_logits)}
 
 
 @registry.register('resnet18', head=HEAD, post_load=torchvision_post_load)

@@ -55,6 +55,7 @@ import numpy as np
 from flowers_jax.models import registry
 from flowers_jax.models.layers import torch_init
 from flowers_jax.models.layers.dropout import Dropout
+from flowers_jax.precision import promote
 
 HEAD = r'^heads/'
 LN_EPS = 1e-6
@@ -195,7 +196,8 @@ class VisionTransformer(nn.Module):
     `train` switches dropout (rng 'dropout'); `bn_train` is accepted and ignored.
 
     Returns:
-      (logits [B, num_classes], {'pre_logits': [B, hidden_dim]}), both float32;
+      (logits [B, num_classes], {'pre_logits': [B, hidden_dim]}), float32 (float64 for
+      float64 runs, `precision.py`);
       pre_logits is the class token's output of `encoder.ln`.
     """
     del bn_train  # no BatchNorm
@@ -214,7 +216,7 @@ class VisionTransformer(nn.Module):
                 dtype=self.dtype, axis_name=self.bn_axis_name, name='encoder')(x, train)
     pre_logits = x[:, 0]                                         # class token, [B, D]
     logits = Heads(self.num_classes, self.dtype, name='heads')(pre_logits)
-    return logits.astype(jnp.float32), {'pre_logits': pre_logits.astype(jnp.float32)}
+    return promote(logits), {'pre_logits': promote(pre_logits)}
 
 
 # ---------------------------------------------------------------------------------------

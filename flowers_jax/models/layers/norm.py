@@ -24,10 +24,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from flowers_jax.precision import compute_dtype
+
 
 def _stats_dtype(x: jnp.ndarray):
-  """float32 for float32 / bfloat16 inputs, float64 for float64 ones (equality tests)."""
-  return jnp.promote_types(x.dtype, jnp.float32)
+  """float32 for float32 / bfloat16 inputs, float64 for float64 ones (`precision.py`)."""
+  return compute_dtype(x.dtype)
 
 
 class BatchNorm(nn.Module):
