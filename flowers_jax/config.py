@@ -24,7 +24,9 @@ from typing import Any, Mapping
 
 BASE: dict[str, Any] = {
     'seed': 0,
-    'parallel': 'pmap',  # 'pmap' | 'sharded' (jit over a Mesh)
+    # 'sharded' (jit over a Mesh: maintained, and as fast or faster, docs/architecture.md)
+    # | 'pmap' (jax.pmap, in maintenance mode since jax 0.8; supported and tested).
+    'parallel': 'sharded',
     # The config file's variant and args (`select_variant`); names the run (scripts/report.py).
     'variant': '',
     'model': {

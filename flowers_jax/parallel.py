@@ -51,10 +51,7 @@ def initialize_distributed(coordinator_address: str, num_processes: int, process
   if coordinator_address == 'auto':
     jax.distributed.initialize(**timeouts)
     return
-  try:
-    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-  except AttributeError:  # pragma: no cover - older jax
-    pass
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
   jax.distributed.initialize(coordinator_address=coordinator_address,
                              num_processes=num_processes, process_id=process_id, **timeouts)
 

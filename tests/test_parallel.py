@@ -162,12 +162,15 @@ def _cli(workdir, data_dir, port=None, process_id=0, local_devices=4, extra=(), 
 
 def test_cli_two_processes_match_one_process(tmp_path):
   """The whole loop (data split per host, eval psum, orbax saves from both processes) on
-  2 processes x 2 devices gives the metrics of 1 process x 4 devices."""
+  2 processes x 2 devices under pmap gives the metrics of 1 process x 4 devices (sharded)."""
   from flowers_jax import data
   data_dir = tmp_path / 'data'
   data.make_fake_flowers(str(data_dir), num_classes=4, per_class=8, image_size=20, seed=0)
   port = _free_port()
-  procs = [_cli(tmp_path / 'two', data_dir, port, i, local_devices=2) for i in range(2)]
+  # The two processes under pmap, the one under the default (sharded): the loop's pmap path
+  # on many hosts against the default path on one.
+  procs = [_cli(tmp_path / 'two', data_dir, port, i, local_devices=2,
+                extra=['--config.parallel=pmap']) for i in range(2)]
   procs.append(_cli(tmp_path / 'one', data_dir))
   outs = [p.communicate(timeout=600)[0] for p in procs]
   assert all(p.returncode == 0 for p in procs), '\n'.join(o[-3000:] for o in outs)
@@ -181,3 +184,4 @@ def test_cli_two_processes_match_one_process(tmp_path):
   results = [json.loads((tmp_path / n / 'results.json').read_text()) for n in ('one', 'two')]
   assert results[0]['test_accuracy'] == results[1]['test_accuracy']
   assert results[1]['devices'] == 4
+  assert (results[0]['parallel'], results[1]['parallel']) == ('sharded', 'pmap')
