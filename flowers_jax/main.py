@@ -79,11 +79,12 @@ def main(argv):
   parallel.initialize_distributed(dist.coordinator_address, dist.num_processes, dist.process_id,
                                   dist.heartbeat_timeout_s)
   many_hosts = bool(dist.coordinator_address)
-  from flowers_jax import checkpoint, train
+  from flowers_jax import checkpoint, train, workdir_lock
   try:
     train.train_and_evaluate(config, FLAGS.workdir)
   except (FileNotFoundError, ValueError, checkpoint.DiskSpaceError,
-          train.NonFiniteLossError) as e:
+          checkpoint.CheckpointDamagedError, train.NonFiniteLossError,
+          workdir_lock.WorkdirInUseError) as e:
     _fail(str(e).splitlines()[0], alone=many_hosts)
   except Exception:
     if not many_hosts:

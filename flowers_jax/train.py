@@ -23,6 +23,7 @@ the best checkpoint, results.json). It writes into `workdir`:
                   utilisation (`train_mfu`, `flops.py`), compile time, parameter counts
   tensorboard events (clu metric writers)
 
+A run holds its workdir (`workdir_lock.py`): a second run on it stops at once with one line.
 A run started again on the same workdir resumes from `latest`: the same parameters, optimizer
 state, rng and position in the data, so the result equals an uninterrupted run. Every decision
 that processes of a multi-host run must take together (stop, non-finite) is read from the
@@ -46,6 +47,7 @@ import numpy as np
 from flowers_jax import checkpoint as ckpt_lib
 from flowers_jax import config_checks, evaluators, losses, models, optim, parallel, steps
 from flowers_jax.steps import TrainState
+from flowers_jax.workdir_lock import WorkdirLock
 
 MODEL_KEYS = ('name', 'num_classes')  # every other key of config.model is a model option
 DTYPES = {name: jnp.dtype(name) for name in config_checks.DTYPES}  # train.dtype -> compute
@@ -323,10 +325,11 @@ def _build(config: ml_collections.ConfigDict, workdir: str) -> tuple[Run, TrainS
 def _resume(run: Run, state: TrainState) -> tuple[Loop, TrainState]:
   """The loop's state and the train state from `latest`, or a fresh start."""
   loop = Loop()
-  if run.checkpoints is not None:
-    meta = run.checkpoints.latest_meta()
-    _check_config_change(meta and meta.get('config'), run.config, run.workdir)
-  restored = run.checkpoints.restore_latest(state) if run.checkpoints is not None else None
+  restored = None
+  if run.checkpoints is not None:  # the newest intact latest; its config checked first
+    restored = run.checkpoints.restore_latest(
+        state, check=lambda meta: _check_config_change(meta.get('config'), run.config,
+                                                       run.workdir), say=log)
   if restored is not None:
     state, meta = restored
     loop.epoch, loop.step_in_epoch = meta['epoch'], meta['step_in_epoch']
@@ -502,7 +505,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """
   t_start = time.time()
   config_checks.validate(config)
-  os.makedirs(workdir, exist_ok=True)
+  with WorkdirLock(workdir):  # before anything in the workdir is read or written
+    return _train_and_evaluate(config, workdir, t_start)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, t_start: float) -> dict:
   run, state = _build(config, workdir)
   loop, state = _resume(run, state)
   if run.checkpoints is not None:
