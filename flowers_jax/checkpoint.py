@@ -18,7 +18,20 @@ data, so the files do not depend on the state's Python classes. `meta` is a
 small JSON dict (epoch, step_in_epoch, val_accuracy, config, ...).
 
 Every save blocks until the files are complete (`wait_until_finished`), so a
-process that saves and then exits on SIGTERM loses nothing.
+process that saves and then exits on SIGTERM loses nothing. A save at step s
+first deletes the steps >= s (a run resumed from an older `latest` has left
+their timeline) and is forced: orbax would otherwise skip, without a word, a
+step older than its newest.
+
+Damaged and mismatched checkpoints are told apart. A checkpoint whose files
+cannot be read (truncated, overwritten, missing) raises
+`CheckpointDamagedError`, naming the part and orbax's / tensorstore's reason;
+`restore_latest` then skips it with one line and tries the next older one, so
+a run resumes from the newest intact `latest` (two are kept). One that reads
+but does not fit the target raises `CheckpointMismatchError` (a ValueError)
+naming the first leaf that differs, compared from the checkpoint's metadata
+before any array is read (orbax itself restores some mismatched shapes
+silently).
 
 Restoring needs a `target` of the same structure (e.g. a freshly initialised
 TrainState): leaves come back with the target's dtypes and placement, i.e.
@@ -37,12 +50,14 @@ unreplicated state (`flax.jax_utils.unreplicate` / `replicate`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
 import signal
-from typing import Any
+import sys
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -87,6 +102,104 @@ def _jsonable(meta: dict[str, Any]) -> dict[str, Any]:
 
 class DiskSpaceError(OSError):
   """The disk cannot hold the run's checkpoints; raised before the first step."""
+
+
+class CheckpointDamagedError(RuntimeError):
+  """A checkpoint's files cannot be read (truncated, overwritten or missing)."""
+
+
+class CheckpointMismatchError(ValueError):
+  """An intact checkpoint of another model or optimizer than the one restoring it."""
+
+
+def _reason(e: BaseException) -> str:
+  """One line of what orbax / tensorstore / json said (tensorstore names the file)."""
+  text = str(e).split(' [tensorstore_spec')[0].strip()
+  text = text.splitlines()[0] if text else ''
+  text = f'{type(e).__name__}: {text}' if text else type(e).__name__
+  return text if len(text) <= 600 else text[:600] + '...'
+
+
+def _key_name(key) -> str:
+  """'fc' of a jax tree path's DictKey('fc'), '0' of SequenceKey(0), ..."""
+  for attr in ('key', 'idx', 'name'):
+    if hasattr(key, attr):
+      return str(getattr(key, attr))
+  return str(key)
+
+
+def _leaves(tree: PyTree) -> dict[str, tuple[tuple[int, ...], str]]:
+  """{'params/fc/kernel': (shape, dtype name)} of a state dict or of orbax's metadata tree."""
+  return {'/'.join(map(_key_name, path)): (tuple(v.shape), np.dtype(v.dtype).name)
+          for path, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _first_mismatch(saved: PyTree, target: PyTree) -> str | None:
+  """The first leaf (path) where the saved tree's structure, shapes or dtypes differ from the
+  target's, in words; None when they fit."""
+  have, want = _leaves(saved), _leaves(target)
+  missing, extra = sorted(want.keys() - have.keys()), sorted(have.keys() - want.keys())
+  if missing:
+    return (f'{missing[0]} is not in the checkpoint'
+            + (f', nor {len(missing) - 1} more leaves' if len(missing) > 1 else ''))
+  if extra:
+    return (f'the checkpoint has {extra[0]}, which this state lacks'
+            + (f', and {len(extra) - 1} more leaves' if len(extra) > 1 else ''))
+  for k in sorted(want):
+    if have[k] != want[k]:
+      return (f'{k} is {have[k][1]}{list(have[k][0])} in the checkpoint and '
+              f'{want[k][1]}{list(want[k][0])} here')
+  return None
+
+
+def _all_processes(ok: bool) -> bool:
+  """True when `ok` holds on every process (the same answer on each)."""
+  return _least_over_processes([int(ok)])[0] == 1
+
+
+class _DropUnretrieved(logging.Filter):
+  """Drops asyncio's "exception was never retrieved" records (each with a traceback)."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return 'exception was never retrieved' not in str(record.msg)
+
+
+_QUIET = []  # the filter once installed
+
+
+def _echo_of_a_failed_read(unraisable) -> bool:
+  """An orbax read coroutine collected with its error, or a callback of its closed loop."""
+  code = getattr(unraisable.object, 'cr_code', None) or getattr(unraisable.object, '__code__',
+                                                                 None)
+  return ('orbax' in getattr(code, 'co_filename', '')
+          or str(unraisable.exc_value) == 'Event loop is closed')
+
+
+@contextlib.contextmanager
+def _quiet_failed_reads():
+  """After a failed checkpoint read, drops its echoes for the rest of the process.
+
+  orbax reads each array in an asyncio task of its own. When one read fails, restore raises
+  that error and the other tasks' errors are never retrieved: asyncio logs each one with a
+  traceback when it is collected, and their coroutines go to `sys.unraisablehook` (~140
+  tracebacks for one truncated file, some at exit). The caller reports the first error in one
+  line; from then on asyncio's "never retrieved" records, orbax's unraisable coroutines and
+  "Event loop is closed" callbacks are dropped (anything else still goes to the previous hook).
+  """
+  try:
+    yield
+  except BaseException:
+    if not _QUIET:
+      _QUIET.append(_DropUnretrieved())
+      logging.getLogger('asyncio').addFilter(_QUIET[0])
+      previous = sys.unraisablehook
+      sys.unraisablehook = lambda u: None if _echo_of_a_failed_read(u) else previous(u)
+    raise
+
+
+def _say(msg: str) -> None:
+  if jax.process_index() == 0:
+    print(msg, flush=True)
 
 
 def state_bytes(state: PyTree) -> int:
@@ -142,12 +255,16 @@ class Checkpointer:
     self.directory = root
     # At most `keep_latest` latest + 1 best on disk, and one more while a save is written.
     self.copies_at_peak = keep_latest + 2
+    # Handlers named up front, so that a step's metadata can be read before its arrays.
+    handlers = lambda: {'state': ocp.StandardCheckpointHandler(),
+                        'meta': ocp.JsonCheckpointHandler()}
     self._latest = ocp.CheckpointManager(
         os.path.join(root, 'latest'),
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep_latest))
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep_latest),
+        item_handlers=handlers())
     self._best = ocp.CheckpointManager(
         os.path.join(root, 'best'),
-        options=ocp.CheckpointManagerOptions(max_to_keep=1))
+        options=ocp.CheckpointManagerOptions(max_to_keep=1), item_handlers=handlers())
 
   # -- saving ----------------------------------------------------------------
 
@@ -173,12 +290,17 @@ class Checkpointer:
   def _save(mgr: ocp.CheckpointManager, step: int, state: PyTree,
             meta: dict[str, Any]) -> None:
     step = int(step)
-    if step in mgr.all_steps():   # e.g. a stop right after an epoch's save
-      mgr.delete(step)
-    mgr.save(step, args=ocp.args.Composite(
+    # The same step (a stop right after an epoch's save) or newer ones (a run resumed from an
+    # older checkpoint than the newest, which was damaged) are replaced.
+    for old in mgr.all_steps():
+      if old >= step:
+        mgr.delete(old)
+    saved = mgr.save(step, force=True, args=ocp.args.Composite(
         state=ocp.args.StandardSave(_to_saveable(state)),
         meta=ocp.args.JsonSave(_jsonable(meta))))
     mgr.wait_until_finished()
+    if not saved:
+      raise RuntimeError(f'orbax did not write the checkpoint {mgr.directory}/{step}')
 
   def save_latest(self, step: int, state: PyTree,
                   meta: dict[str, Any]) -> None:
@@ -190,48 +312,113 @@ class Checkpointer:
     self._save(self._best, step, state, meta)
 
   def latest_meta(self) -> dict[str, Any] | None:
-    """The meta of the newest 'latest' checkpoint (no state read), or None if there is none."""
+    """The meta of the newest 'latest' checkpoint (no state read), or None if there is none;
+    CheckpointDamagedError if it cannot be read."""
     step = self._latest.latest_step()
-    return None if step is None else dict(self._restore_meta(self._latest, step))
+    return None if step is None else self._restore_meta(self._latest, step)
 
   def best_meta(self) -> dict[str, Any] | None:
-    """The meta saved with the 'best' checkpoint, or None if there is none."""
+    """The meta saved with the 'best' checkpoint, or None if there is none;
+    CheckpointDamagedError if it cannot be read."""
     step = self._best.latest_step()
-    return None if step is None else dict(self._restore_meta(self._best, step))
+    if step is None:
+      return None
+    try:
+      return self._restore_meta(self._best, step)
+    except CheckpointDamagedError as e:
+      raise self._best_hint(e) from None
+
+  def _best_hint(self, e: CheckpointDamagedError) -> CheckpointDamagedError:
+    return CheckpointDamagedError(
+        f'{e}; move {self._best.directory} away to go on without it (training then picks the '
+        'best among the epochs still to run, predict uses latest)')
 
   # -- restoring -------------------------------------------------------------
 
   @staticmethod
-  def _restore_meta(mgr: ocp.CheckpointManager, step: int) -> dict[str, Any]:
-    return mgr.restore(step, args=ocp.args.Composite(
-        meta=ocp.args.JsonRestore())).meta
+  def _damaged(mgr: ocp.CheckpointManager, step: int, part: str,
+               e: BaseException) -> CheckpointDamagedError:
+    return CheckpointDamagedError(f'the checkpoint in {mgr.directory}/{step} is damaged '
+                                  f'({part}: {_reason(e)})')
 
-  @staticmethod
-  def _restore(mgr: ocp.CheckpointManager, target: PyTree
-               ) -> tuple[PyTree, dict[str, Any]] | None:
-    step = mgr.latest_step()
-    if step is None:
-      return None
+  @classmethod
+  def _restore_meta(cls, mgr: ocp.CheckpointManager, step: int) -> dict[str, Any]:
     try:
-      out = mgr.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(_to_saveable(target)),
-          meta=ocp.args.JsonRestore()))
-    except ValueError as e:  # orbax names every mismatched leaf, with its values
-      first = str(e).splitlines()[1:2] or ['']
-      raise ValueError(f'the checkpoint in {mgr.directory}/{step} does not fit this model and '
-                       f'optimizer (first mismatch: {first[0].strip()}); resume with the config '
-                       'it was written with, or use a new --workdir') from None
-    return _from_saved(target, out.state), dict(out.meta)
+      return dict(mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta)
+    except Exception as e:  # noqa: BLE001 - any failure to read the files is damage
+      raise cls._damaged(mgr, step, f'{step}/meta', e) from None
 
-  def restore_latest(self, target: PyTree
+  @classmethod
+  def _restore_step(cls, mgr: ocp.CheckpointManager, step: int, target: PyTree,
+                    check: Callable[[dict], None] | None
+                    ) -> tuple[PyTree, dict[str, Any]]:
+    """(state, meta) of `step`: its meta, `check(meta)`, its structure against `target`'s,
+    then its arrays. CheckpointDamagedError / CheckpointMismatchError."""
+    with _quiet_failed_reads():
+      meta = cls._restore_meta(mgr, step)
+    if check is not None:
+      check(meta)
+    try:
+      with _quiet_failed_reads():
+        saved = mgr.item_metadata(step)['state']
+      saved = getattr(saved, 'tree', saved)
+      if saved is None:
+        raise FileNotFoundError('no state metadata')
+    except Exception as e:  # noqa: BLE001
+      raise cls._damaged(mgr, step, f'{step}/state metadata', e) from None
+    problem = _first_mismatch(saved, _to_saveable(target))
+    if problem:
+      raise CheckpointMismatchError(
+          f'the checkpoint in {mgr.directory}/{step} does not fit this model and optimizer '
+          f'({problem}); resume with the config it was written with, or use a new --workdir')
+    try:
+      with _quiet_failed_reads():
+        out = mgr.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(_to_saveable(target))))
+    except Exception as e:  # noqa: BLE001
+      raise cls._damaged(mgr, step, f'{step}/state', e) from None
+    return _from_saved(target, out.state), meta
+
+  def restore_latest(self, target: PyTree, *, check: Callable[[dict], None] | None = None,
+                     say: Callable[[str], None] = _say
                      ) -> tuple[PyTree, dict[str, Any]] | None:
-    """(state, meta) of the newest 'latest' checkpoint, or None if none."""
-    return self._restore(self._latest, target)
+    """(state, meta) of the newest intact 'latest' checkpoint, or None if there is none.
+
+    A damaged one is skipped with one line (`say`) and the next older one tried; every process
+    skips the same steps. `check(meta)` runs on a step's meta before its arrays are read (the
+    loop refuses a change of model there). CheckpointDamagedError when every one is damaged;
+    CheckpointMismatchError when the newest intact one does not fit `target`.
+    """
+    damaged = []
+    for step in sorted(self._latest.all_steps(), reverse=True):
+      try:
+        restored, problem = self._restore_step(self._latest, step, target, check), None
+      except CheckpointDamagedError as e:
+        restored, problem = None, str(e)
+      if _all_processes(restored is not None):
+        if damaged:
+          say(f'resuming from the older {self._latest.directory}/{step}')
+        return restored
+      damaged.append(problem or f'the checkpoint {self._latest.directory}/{step} is damaged '
+                                'on another process')
+      say(f'{damaged[-1]}; skipping it')
+    if damaged:
+      raise CheckpointDamagedError(
+          f'no intact latest checkpoint in {self._latest.directory} (newest: {damaged[0]}); '
+          'move it away to train from the start, or use a new --workdir')
+    return None
 
   def restore_best(self, target: PyTree
                    ) -> tuple[PyTree, dict[str, Any]] | None:
-    """(state, meta) of the best checkpoint, or None if none."""
-    return self._restore(self._best, target)
+    """(state, meta) of the best checkpoint, or None if none; CheckpointDamagedError /
+    CheckpointMismatchError."""
+    step = self._best.latest_step()
+    if step is None:
+      return None
+    try:
+      return self._restore_step(self._best, step, target, None)
+    except CheckpointDamagedError as e:
+      raise self._best_hint(e) from None
 
   def close(self) -> None:
     self._latest.close()

@@ -182,7 +182,8 @@ def restore(workdir: str, config, model) -> tuple[dict, str, dict]:
     for kind, fn in (('best', ckpt.restore_best), ('latest', ckpt.restore_latest)):
       try:
         restored = fn(target)
-      except ValueError as e:  # a checkpoint of another model / optimizer than config.json's
+      # A checkpoint of another model / optimizer than config.json's, or a damaged one.
+      except (ValueError, checkpoint.CheckpointDamagedError) as e:
         raise PredictError(str(e).splitlines()[0]) from None
       if restored is not None:
         state, meta = restored
