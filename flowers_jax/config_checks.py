@@ -21,7 +21,7 @@ import os
 import re
 from typing import Any, Callable
 
-from flowers_jax import config_utils, losses, models, optim, parallel
+from flowers_jax import config_utils, evaluators, losses, models, optim, parallel
 from flowers_jax.config import BASE, ConfigError
 
 BATCHNORM_MODES = ('auto', 'batch', 'running')
@@ -69,6 +69,29 @@ def _freeze_ok(v: Any, c: Any) -> bool:
   except re.error:
     return False
   return any(r.strip() for r in v.split(','))
+
+
+def _parses(parse: Callable[[Any], Any]) -> Callable[[Any, Any], bool]:
+  """Valid when `parse(value)` raises no ValueError (the parser that will read it later)."""
+  def ok(v, c):
+    try:
+      parse(v)
+    except (ValueError, TypeError):
+      return False
+    return True
+  return ok
+
+
+def _increasing_fractions(v: Any, c: Any) -> bool:
+  """A tuple of numbers strictly inside (0, 1), strictly increasing (may be empty)."""
+  if not isinstance(v, (list, tuple)) or not all(_is_number(x) for x in v):
+    return False
+  return all(0 < x < 1 for x in v) and all(a < b for a, b in zip(v, v[1:]))
+
+
+def _process_id_ok(v: Any, c: Any) -> bool:
+  n = _lookup(c, 'distributed.num_processes')[1]
+  return _is_int(v) and 0 <= v < (n if _is_int(n) and n >= 1 else 1)
 
 
 def _existing_path_or_empty(v: Any, c: Any) -> bool:
@@ -121,6 +144,15 @@ RULES: tuple[Rule, ...] = (
     Rule('optim.step_factor', _number_in(0, math.inf, lo_open=True, hi_open=True),
          'a number > 0'),
     Rule('optim.clip_norm', _number_in(0, math.inf, hi_open=True), 'a number >= 0 (0: off)'),
+    Rule('optim.step_boundaries', _increasing_fractions,
+         'increasing fractions of the run strictly between 0 and 1, e.g. (0.5, 0.75)'),
+    Rule('evals.names', _parses(evaluators.parse_names),
+         f'comma-separated evaluators including classification, of: '
+         f'{", ".join(evaluators.EVALUATORS)}'),
+    Rule('evals.knn_k', _int_at_least(1), 'an integer >= 1 (neighbours)'),
+    Rule('distributed.num_processes', _int_at_least(1), 'an integer >= 1'),
+    Rule('distributed.process_id', _process_id_ok,
+         'an integer in [0, distributed.num_processes)'),
     Rule('distributed.heartbeat_timeout_s', _int_at_least(1), 'an integer >= 1 (seconds)'),
 )
 

@@ -187,6 +187,15 @@ def test_model_options_are_those_of_the_model():
 @pytest.mark.parametrize('key,value,valid', [
     ('model.name', 'resnet81', 'resnet18'),
     ('optim.eps', 0.0, 'a number > 0'),
+    # Steps where fractions are meant: the lr would never decay.
+    ('optim.step_boundaries', (200, 300, 400), 'increasing fractions'),
+    ('optim.step_boundaries', (0.75, 0.5), 'increasing fractions'),
+    ('evals.names', 'classification,embeding', 'classification, embedding'),
+    ('evals.names', 'embedding', 'including classification'),
+    ('evals.knn_k', 0, 'an integer >= 1'),
+    ('evals.knn_k', -2, 'an integer >= 1'),
+    ('distributed.num_processes', 0, 'an integer >= 1'),
+    ('distributed.process_id', 5, r'\[0, distributed.num_processes\)'),
 ])
 def test_validate_rejects_bad_values(key, value, valid):
   config = get('resnet18')

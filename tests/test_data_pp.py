@@ -179,6 +179,14 @@ def test_parse_args_defaults_and_presets():
     ('flip_lr(seed=3)', 'the seed is not an argument'),
     ('resize_small(40)|center_crop(30)', r'shape \[30, 30, 3\], not image_size \[32, 32, 3\]'),
     ('resize_small', r'shape \[None, None, 3\]'),
+    # Values, checked when parsed (they failed at step 0, or never).
+    ('random_resized_crop(scale=(0.5,))', r'scale=\(0.5,\); expected a pair \(min, max\)'),
+    ('random_resized_crop(ratio=(0, 1))', r'ratio=\(0, 1\); expected a pair .* 0 < min'),
+    ("random_resized_crop(scale=('a', 'b'))", 'expected a pair'),
+    ('random_resized_crop(scale=(1.0, 0.08))', r'min <= max <= 1'),
+    ('random_crop(32, padding=-3)', r'padding=-3; expected an integer >= 0'),
+    ('resize_small(-4)|center_crop', r'size=-4; expected an integer >= 1'),
+    ('center_crop(0)', r'size=0; expected an integer >= 1'),
 ])
 def test_parse_errors_are_one_line(spec, match):
   cfg = data.DataConfig.parse(_cfg())

@@ -46,6 +46,15 @@ def test_center_crop_offsets_like_torchvision(hw, crop):
   np.testing.assert_array_equal(img[top:top + h, left:left + w], ref)
 
 
+@pytest.mark.parametrize('hw,crop', [((20, 30), 32), ((13, 40), 32), ((40, 9), 16),
+                                     ((7, 8), 12)])
+def test_center_crop_pads_a_smaller_image_like_torchvision(hw, crop):
+  img = (np.arange(hw[0] * hw[1] * 3, dtype=np.int64).reshape(hw + (3,)) % 251 + 1)
+  img = img.astype(np.uint8)
+  ref = np.asarray(T.CenterCrop(crop)(Image.fromarray(img)))
+  np.testing.assert_array_equal(tr.center_crop(tf.constant(img), crop).numpy(), ref)
+
+
 def _windows(hw, n, seed=0):
   ds = tf.data.Dataset.range(n).map(lambda i: tf.stack(tr.random_resized_crop_window(
       tf.constant(hw + (3,)), tf.random.experimental.stateless_fold_in([seed, 0], i))))

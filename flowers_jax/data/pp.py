@@ -57,10 +57,11 @@ class Op:
   """A registered op: ``fn(image, args..., [*, seed])``; ``from_config`` maps an
   argument to the ``config.data`` key that fills it when the spec leaves it out;
   ``out`` is its output size: 'same' (as the input), 'size' (its ``size`` argument) or
-  'any'."""
+  'any'; ``checks``: argument -> (predicate on its value, what is valid)."""
   fn: Callable
   from_config: dict[str, str]
   out: str = 'same'
+  checks: dict[str, tuple[Callable[[Any], bool], str]] = dataclasses.field(default_factory=dict)
 
   @property
   def random(self) -> bool:
@@ -84,40 +85,61 @@ OPS: dict[str, Op] = {}
 OUT_SIZES = ('same', 'size', 'any')
 
 
-def register(out: str = 'same', **from_config: str) -> Callable:
+def register(out: str = 'same', checks: dict | None = None, **from_config: str) -> Callable:
   """Decorator: registers ``fn`` under its name; ``out``: its output size (``OUT_SIZES``);
+  ``checks``: argument -> (predicate, what is valid), applied when a spec is parsed;
   ``from_config``: argument -> data key."""
   if out not in OUT_SIZES:
     raise ValueError(f'register(out={out!r}); valid: {OUT_SIZES}')
 
   def add(fn):
-    OPS[fn.__name__] = Op(fn, from_config, out)
+    OPS[fn.__name__] = Op(fn, from_config, out, dict(checks or {}))
     return fn
   return add
+
+
+def _number(x: Any) -> bool:
+  return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _ordered_pair(lo: float, hi: float, *, lo_open: bool):
+  """A (min, max) tuple of numbers with lo < / <= min <= max <= hi."""
+  def ok(v):
+    return (isinstance(v, tuple) and len(v) == 2 and all(map(_number, v))
+            and (v[0] > lo if lo_open else v[0] >= lo) and v[0] <= v[1] <= hi)
+  return ok
+
+
+POSITIVE = (lambda v: v >= 1, 'an integer >= 1 (pixels)')
+NOT_NEGATIVE = (lambda v: v >= 0, 'an integer >= 0 (pixels)')
+SCALE = (_ordered_pair(0, 1, lo_open=True), 'a pair (min, max) with 0 < min <= max <= 1')
+RATIO = (_ordered_pair(0, float('inf'), lo_open=True), 'a pair (min, max) with 0 < min <= max')
 
 
 # ---------------------------------------------------------------- ops: uint8 [H, W, 3] in
 
 
-@register(out='any', size='eval_resize', method='interpolation')
+@register(out='any', checks={'size': POSITIVE}, size='eval_resize', method='interpolation')
 def resize_small(image, size: int, method: Interpolation):
   """Shorter side -> ``size`` (torchvision ``Resize(size)``)."""
   return transforms.resize_shorter(image, size, method)
 
 
-@register(out='size', size='image_size', method='interpolation')
+@register(out='size', checks={'size': POSITIVE}, size='image_size', method='interpolation')
 def resize(image, size: int, method: Interpolation):
   """-> [size, size, 3], aspect ratio not kept."""
   return transforms.resize(image, size, size, method)
 
 
-@register(out='size', size='image_size')
+@register(out='size', checks={'size': POSITIVE}, size='image_size')
 def center_crop(image, size: int):
-  """-> [size, size, 3] from the centre (torchvision ``CenterCrop``)."""
+  """-> [size, size, 3] from the centre (torchvision ``CenterCrop``: a smaller image is
+  zero-padded first)."""
   return transforms.center_crop(image, size)
 
 
-@register(out='size', size='image_size', method='interpolation')
+@register(out='size', checks={'size': POSITIVE, 'scale': SCALE, 'ratio': RATIO},
+          size='image_size', method='interpolation')
 def random_resized_crop(image, size: int, method: Interpolation,
                         scale: tuple = transforms.RRC_SCALE,
                         ratio: tuple = transforms.RRC_RATIO, *, seed):
@@ -125,7 +147,7 @@ def random_resized_crop(image, size: int, method: Interpolation,
   return transforms.random_resized_crop(image, size, seed, scale, ratio, method)
 
 
-@register(out='size', size='image_size')
+@register(out='size', checks={'size': POSITIVE, 'padding': NOT_NEGATIVE}, size='image_size')
 def random_crop(image, size: int, padding: int = 0, *, seed):
   """torchvision ``RandomCrop(size, padding)``: zero-pad, crop at a random offset."""
   return transforms.random_crop(image, size, seed, padding)
@@ -232,6 +254,10 @@ def _parse_op(text: str, key: str, spec: str, cfg: Any) -> tuple[Op, dict[str, A
     if not _type_ok(bound[p.name], hints[p.name]):
       raise ValueError(f'{bad}: {p.name}={bound[p.name]!r} is not'
                        f' {_describe(hints[p.name])}; usage: {op.usage()}')
+    check, valid = op.checks.get(p.name, (None, ''))
+    if check is not None and not check(bound[p.name]):
+      raise ValueError(f'{bad}: {p.name}={bound[p.name]!r}; expected {valid}; '
+                       f'usage: {op.usage()}')
   return op, bound
 
 

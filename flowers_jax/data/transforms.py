@@ -80,8 +80,12 @@ def resize_shorter(image, size, interpolation='bilinear'):
 
 
 def center_crop(image, size):
-  """torchvision ``CenterCrop(size)``: [H, W, 3] (H, W >= size) -> [size, size, 3]."""
+  """torchvision ``CenterCrop(size)``: [H, W, 3] -> [size, size, 3]; a side shorter than
+  ``size`` is zero-padded first, the odd pixel at the bottom / right (as torchvision does)."""
   tf = _tf()
+  shape = tf.shape(image)
+  pad_h, pad_w = tf.maximum(size - shape[0], 0), tf.maximum(size - shape[1], 0)
+  image = tf.pad(image, [[pad_h // 2, (pad_h + 1) // 2], [pad_w // 2, (pad_w + 1) // 2], [0, 0]])
   top, left, h, w = center_crop_window(tf.shape(image), size)
   return tf.image.crop_to_bounding_box(image, top, left, h, w)
 
