@@ -17,7 +17,8 @@ arrays are written next to them at test time (`<name>_test.npy`).
 
 Registered:
   classification  accuracy (top-1), top5, loss (cross-entropy), examples; arrays: confusion
-                  (int [C, C], rows true class, columns predicted), per_class_accuracy [C].
+                  (int [C, C], rows true class, columns predicted), per_class_accuracy [C]
+                  (NaN for a class absent from the split).
   embedding       knn_accuracy (majority vote of the `evals.knn_k` nearest train embeddings),
                   recall_at_1, recall_at_5 (a same-class train image among the K nearest),
                   Euclidean distance on pre-logits: the space the triplet losses shape.
@@ -101,7 +102,9 @@ def _classification_result(sums, rows, reference, cfg):
   del rows, reference, cfg
   n = float(sums['count'])
   confusion = np.rint(sums['confusion']).astype(np.int64)
-  per_class = np.diag(confusion) / np.maximum(confusion.sum(1), 1)
+  rows_per_class = confusion.sum(1)
+  per_class = np.where(rows_per_class > 0, np.diag(confusion) / np.maximum(rows_per_class, 1),
+                       np.nan)  # NaN (null in results.json): a class absent from the split
   scalars = {'accuracy': float(sums['correct']) / n, 'top5': float(sums['correct5']) / n,
              'loss': float(sums['loss']) / n, 'examples': int(n)}
   return scalars, {'confusion': confusion, 'per_class_accuracy': per_class}

@@ -49,6 +49,7 @@ from flowers_jax import config_checks, evaluators, losses, models, optim, parall
 from flowers_jax.steps import TrainState
 from flowers_jax.workdir_lock import WorkdirLock
 
+RUN_SPLITS = ('train', 'validation', 'test')  # trained on, best epoch chosen on, tested on
 MODEL_KEYS = ('name', 'num_classes')  # every other key of config.model is a model option
 DTYPES = {name: jnp.dtype(name) for name in config_checks.DTYPES}  # train.dtype -> compute
 # Config keys whose change makes a checkpoint mean something else: resuming with them refused.
@@ -282,6 +283,32 @@ def _check_batch_size(global_batch: int, what: str) -> None:
     raise ValueError(f'{what}={global_batch} must be divisible by the number of devices ({n})')
 
 
+def _check_splits(ds, data_cfg: ml_collections.ConfigDict) -> None:
+  """Every split the run reads is there, and every class has train images, before anything is
+  built; a class absent from validation or test is said in one line (its per-class accuracy is
+  null there)."""
+  missing = [s for s in RUN_SPLITS if s not in ds.splits]
+  if missing:
+    raise ValueError(f'the data set in {data_cfg.dir} ({data_cfg.source}) has no '
+                     f'{" and no ".join(missing)} split; a run trains on train, picks its best '
+                     'epoch on validation and tests on test' +
+                     ('; add DIR/validation (or DIR/val) and DIR/test'
+                      if data_cfg.source == 'imagefolder' else ''))
+  for split in RUN_SPLITS:
+    counts = np.bincount(ds.splits[split].labels, minlength=ds.num_classes)
+    absent = [ds.class_names[i] for i in np.flatnonzero(counts == 0)]
+    if not absent:
+      continue
+    shown = ', '.join(map(repr, absent[:5])) + (f' and {len(absent) - 5} more'
+                                                if len(absent) > 5 else '')
+    if split == 'train':
+      raise ValueError(f'{len(absent)} of {ds.num_classes} classes have no train image '
+                       f'({shown}) in {data_cfg.dir}; a class with no train image cannot be '
+                       'learned: add images or remove the class')
+    log(f'warning: split {split!r} has no image of {len(absent)} class(es) ({shown}): their '
+        'per-class accuracy is null and they count in no accuracy')
+
+
 def _build(config: ml_collections.ConfigDict, workdir: str) -> tuple[Run, TrainState]:
   """Data, model, initial state, optimizer and the compiled steps."""
   from flowers_jax import data  # tensorflow only from here on (data imports it safely)
@@ -296,6 +323,7 @@ def _build(config: ml_collections.ConfigDict, workdir: str) -> tuple[Run, TrainS
   if ds.num_classes != config.model.num_classes:
     raise ValueError(f'the data set has {ds.num_classes} classes but model.num_classes='
                      f'{config.model.num_classes}; set --config.model.num_classes={ds.num_classes}')
+  _check_splits(ds, config.data)
   variables = initial_variables(config, model, config.data.image_size)
   steps_per_epoch = ds.steps_per_epoch(tc.batch_size)
   if tc.max_steps_per_epoch:

@@ -102,6 +102,40 @@ def test_num_classes_mismatch_says_what_to_set(tmp_path, three_classes):
   assert '--config.model.num_classes=3' in line
 
 
+def _image_folder(root, splits=('train', 'val', 'test'), classes=('a', 'b', 'c'), empty=()):
+  """DIR/<split>/<class>/*.jpg, 3 images per class; the classes in `empty` get none."""
+  from PIL import Image
+  for split in splits:
+    for c, name in enumerate(classes):
+      (root / split / name).mkdir(parents=True)
+      for i in range(0 if name in empty else 3):
+        img = data.fake.render(c, 3, 20, 20, np.random.default_rng([c, i]))
+        Image.fromarray(img).save(root / split / name / f'{i}.jpg')
+  return root
+
+
+@pytest.mark.parametrize('splits,missing', [(('train', 'val'), 'no test split'),
+                                            (('train', 'test'), 'no validation split'),
+                                            (('train',), 'no validation and no test split')])
+def test_imagefolder_without_a_split_the_run_reads_stops_before_anything(tmp_path, splits,
+                                                                         missing):
+  """Found after the compile and a whole epoch before (Unknown split 'validation')."""
+  folder = _image_folder(tmp_path / 'imgs', splits)
+  line = one_error_line(run_cli('--config', 'configs/demo.py', '--workdir', str(tmp_path / 'w'),
+                                '--config.data.source=imagefolder', f'--config.data.dir={folder}',
+                                '--config.model.num_classes=3', timeout=60))
+  assert missing in line and 'DIR/validation (or DIR/val) and DIR/test' in line, line
+  assert not (tmp_path / 'w' / 'checkpoints').exists()
+
+
+def test_a_class_without_train_images_is_one_line(tmp_path):
+  folder = _image_folder(tmp_path / 'imgs', empty=('b',))
+  line = one_error_line(run_cli('--config', 'configs/demo.py', '--workdir', str(tmp_path / 'w'),
+                                '--config.data.source=imagefolder', f'--config.data.dir={folder}',
+                                '--config.model.num_classes=3', timeout=60))
+  assert "1 of 3 classes have no train image ('b')" in line, line
+
+
 def test_help():
   proc = run_cli('--help')
   assert proc.returncode in (0, 1), proc.stderr  # absl's --help exits with 1

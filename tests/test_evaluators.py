@@ -1,5 +1,7 @@
 """Evaluators: values against numpy references, and the same results on any device count."""
 
+import json
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -125,6 +127,17 @@ def test_results_equal_a_numpy_reference(toy_state):
             'recall_at_5'):
     np.testing.assert_allclose(got.scalars[k], ref[k], rtol=1e-5, err_msg=k)
   assert 0 < got.scalars['recall_at_1'] < got.scalars['recall_at_5'] < 1  # not trivially 0 or 1
+
+
+def test_per_class_accuracy_of_a_class_absent_from_the_split_is_null():
+  """Not 0.0 ("all wrong"): NaN in the array, null in results.json."""
+  from flowers_jax import train
+  confusion = np.array([[2, 1, 0], [0, 0, 0], [0, 1, 3]], np.float32)  # class 1: no row
+  sums = {'count': 7.0, 'correct': 5.0, 'correct5': 7.0, 'loss': 1.0, 'confusion': confusion}
+  _, arrays = evaluators.EVALUATORS['classification'].result(sums, {}, None, None)
+  per_class = arrays['per_class_accuracy']
+  assert per_class[0] == 2 / 3 and np.isnan(per_class[1]) and per_class[2] == 0.75
+  assert json.loads(train._dumps(per_class.tolist())) == [2 / 3, None, 0.75]
 
 
 @pytest.mark.parametrize('mode,n_devices', [('pmap', 4), ('pmap', 2), ('sharded', 4)])
