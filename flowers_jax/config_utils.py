@@ -81,3 +81,21 @@ def unknown_key(dotted: str, part: str, valid: Iterable[str], where: str) -> Con
   hint = f' (did you mean {close[0]!r}?)' if close else ''
   return ConfigError(f'unknown config key {dotted!r}{hint}; valid keys in {where or "the config"}: '
                      f'{", ".join(valid)}')
+
+
+def config_from_argv(argv: list[str]) -> ml_collections.ConfigDict:
+  """The config that `python -m flowers_jax.main` builds from `argv` (`--config SPEC` and
+  `--config.a.b=value` overrides, other arguments ignored): parsed by ml_collections' own
+  config flag, in a flag registry of its own."""
+  from absl import flags
+  from ml_collections import config_flags
+  spec = config_spec_from_argv(argv)
+  if spec is None:
+    raise ConfigError('no --config SPEC in the arguments')
+  args = ['config_from_argv', '--config', spec] + [a for a in argv if a.startswith('--config.')]
+  registry = flags.FlagValues()
+  # The override flags are found in `sys_argv` (default: sys.argv) when the flag is defined.
+  config_flags.DEFINE_config_file('config', None, '', flag_values=registry, lock_config=True,
+                                  sys_argv=args)
+  registry(args)
+  return registry.config

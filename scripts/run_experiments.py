@@ -7,8 +7,11 @@ r"""Runs the study's experiments (and the improvements) one after another, one w
 Each run is `python -m flowers_jax.main --config configs/<model>.py:<variant>
 --workdir OUT/<model>_<variant> ...`, its output appended to `OUT/<run>/train.log`; one line
 per run is printed: name, status, test accuracy, wall time. Running the same command again
-skips finished runs (`results.json` present) and resumes interrupted ones from their
-checkpoint (Ctrl-C or `kill PID` stops the current run after its step, with a checkpoint).
+skips finished runs (`results.json` present, made with the config this command gives) and
+resumes interrupted ones from their checkpoint (Ctrl-C or `kill PID` stops the current run
+after its step, with a checkpoint). A finished run made with another config is `stale`: it is
+neither reported as done nor run again (the differing keys are named; move it away to redo it).
+`--data-dir` must exist: it is checked once, before the first run.
 Extra `--config.key=value` arguments go to every run.
 
 Suites (`SUITES`): `study` = the study's runs (each model's frozen, finetune and
@@ -184,15 +187,37 @@ def report_line(name: str, status: str, results: dict | None, seconds: float | N
   return f'{name:<47} {status:<12} {acc:<11} {_hms(seconds)}'
 
 
+def config_changes(cmd: list[str], workdir: str) -> list[str]:
+  """The config keys (dotted) whose values differ between the run's config.json and the config
+  that `cmd` gives; distributed.* (per process) are not compared."""
+  from flowers_jax import config_utils, train
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.isfile(path):
+    return ['config.json (missing)']
+  with open(path) as f:
+    saved = train._flat_config(json.load(f))
+  wanted = train._flat_config(json.loads(train._dumps(
+      config_utils.config_from_argv(cmd).to_dict())))
+  return sorted(k for k in saved.keys() | wanted.keys()
+                if saved.get(k) != wanted.get(k) and not k.startswith('distributed.'))
+
+
 def run_one(model: str, variant: str, args, data_dir: str, env: dict) -> tuple[str, int]:
   """Runs (or skips) one experiment and prints its line; returns (status, return code)."""
   name = run_name(model, variant)
   workdir = os.path.join(args.out, name)
+  cmd = command(model, variant, workdir, args, data_dir)
   done = _results(workdir)
   if done is not None:
+    changed = config_changes(cmd, workdir)
+    if changed:
+      shown = ', '.join(changed[:4]) + (f' and {len(changed) - 4} more' if len(changed) > 4
+                                        else '')
+      print(f'{report_line(name, "stale", done, done.get("wall_time_s"))}  made with another '
+            f'config ({shown}); move {workdir} away to run it again', flush=True)
+      return 'stale', 0
     print(report_line(name, 'done', done, done.get('wall_time_s')), flush=True)
     return 'done', 0
-  cmd = command(model, variant, workdir, args, data_dir)
   if args.dry_run:
     print(' '.join(cmd))
     return 'dry-run', 0
@@ -248,6 +273,9 @@ def main(argv=None) -> int:
     if args.weights_dir and not args.smoke:
       for model in dict(runs):
         weights_for(model, args.weights_dir)  # a missing file stops before the first run
+    if args.data_dir and not os.path.isdir(os.path.expanduser(args.data_dir)):
+      raise UsageError(f'--data-dir {args.data_dir} is not a directory; pass the Flowers102 '
+                       'files (jpg/, imagelabels.mat, setid.mat), or --smoke alone')
     os.makedirs(args.out, exist_ok=True)
     data_dir = (smoke_data(args.out, args.data_dir) if args.smoke
                 else os.path.abspath(os.path.expanduser(args.data_dir)))
@@ -264,7 +292,7 @@ def main(argv=None) -> int:
   counts = {s: statuses.count(s) for s in dict.fromkeys(statuses)}
   print(f'{len(runs)} runs in {_hms(time.time() - t0)}: '
         + ', '.join(f'{n} {s}' for s, n in counts.items()))
-  return 1 if any(s.startswith('failed') for s in statuses) else 0
+  return 1 if any(s.startswith('failed') or s == 'stale' for s in statuses) else 0
 
 
 if __name__ == '__main__':

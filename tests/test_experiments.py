@@ -44,6 +44,26 @@ def test_second_call_only_reports(smoke_runs):
   assert 'running' not in proc.stdout and elapsed < 30  # no training process was started
 
 
+def test_a_finished_run_of_another_config_is_stale_not_done(smoke_runs):
+  proc = run_script('--suite', 'study', '--smoke', '--out', smoke_runs, '--only',
+                    'resnet18_frozen', '--config.optim.lr=0.5', timeout=120)
+  line = [x for x in proc.stdout.splitlines() if x.startswith('resnet18_frozen')][-1]
+  assert ' stale ' in line and 'made with another config (optim.lr)' in line, proc.stdout
+  assert proc.returncode == 1
+  assert 'running' not in proc.stdout
+
+
+def test_a_missing_data_dir_is_one_line_before_any_run(tmp_path):
+  out = tmp_path / 'runs'
+  proc = run_script('--suite', 'study', '--data-dir', str(tmp_path / 'nope'), '--out', str(out),
+                    timeout=60)
+  assert proc.returncode == 2
+  assert proc.stderr.strip().splitlines()[-1] == (
+      f'error: --data-dir {tmp_path / "nope"} is not a directory; pass the Flowers102 files '
+      '(jpg/, imagelabels.mat, setid.mat), or --smoke alone')
+  assert not out.exists()
+
+
 def test_report_from_smoke_runs(smoke_runs, tmp_path):
   out = str(tmp_path / 'report')
   text = report.write_report(smoke_runs, out)
