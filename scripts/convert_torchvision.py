@@ -55,10 +55,20 @@ def parse_args(argv):
 
 
 def download(name: str):
-  """torchvision's DEFAULT pretrained state_dict for the registered model `name`."""
+  """torchvision's DEFAULT pretrained state_dict for the registered model `name` (from torch's
+  hub cache when it is there); SystemExit with one line when it cannot be fetched."""
+  import torch
   import torchvision
   tv_name = models.spec(name).torchvision
-  return torchvision.models.get_model(tv_name, weights='DEFAULT').state_dict()
+  weights = torchvision.models.get_model_weights(tv_name).DEFAULT
+  try:
+    return torchvision.models.get_model(tv_name, weights=weights).state_dict()
+  except OSError as e:  # urllib's URLError, a refused or timed-out connection, a full disk
+    reason = getattr(e, 'reason', None) or e
+    raise SystemExit(
+        f'error: cannot download {weights.url} ({reason}); without network, fetch that file '
+        f'elsewhere and pass it with --weights FILE, or put it in '
+        f'{torch.hub.get_dir()}/checkpoints/') from None
 
 
 def main(argv=None) -> convert.Report:

@@ -343,3 +343,23 @@ def test_special_rules_split_merge_and_aliases(toy_model):
   torch_sd['attn.in_proj_weight'] = np.zeros((6, 3), np.float32)
   with pytest.raises(ValueError, match=r"attn\.in_proj_weight.*\(6, 3\).*\(8, 3\)"):
     convert.torchvision_to_flax(toy_model, torch_sd)
+
+
+def test_download_without_network_is_one_line(tmp_path):
+  """A closed proxy port stands in for no network; an empty TORCH_HOME for no cached file."""
+  import os
+  import subprocess
+  import sys
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  env.update(https_proxy='http://127.0.0.1:9', HTTPS_PROXY='http://127.0.0.1:9',
+             http_proxy='http://127.0.0.1:9', TORCH_HOME=str(tmp_path / 'torch'))
+  proc = subprocess.run([sys.executable, str(ROOT / 'scripts' / 'convert_torchvision.py'),
+                         '--model', 'resnet18', '--download', '--out', str(tmp_path / 'out')],
+                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 1
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1, proc.stderr
+  assert lines[0].startswith('error: cannot download https://download.pytorch.org/models/'
+                             'resnet18-'), lines[0]
+  assert '--weights FILE' in lines[0] and str(tmp_path / 'torch') in lines[0]
+  assert not (tmp_path / 'out').exists()
