@@ -430,7 +430,10 @@ def _train_epoch(run: Run, loop: Loop, state) -> tuple[Any, Averager, int]:
       avg.add(last)
       signum = int(last['stop'])
       if (step_in_epoch + 1) % tc.log_every == 0:
-        _log_progress(run, loop, step_in_epoch, first, last, time.time() - t_start)
+        # The rate and ETA leave the compile step out (its time and its images).
+        timed = step_in_epoch + 1 - first - (1 if compiled_here else 0)
+        _log_progress(run, loop, step_in_epoch, last, timed,
+                      time.time() - t_start - compiled_here)
     pending = metrics
     loop.step_in_epoch = step_in_epoch + 1
     if signum:
@@ -449,14 +452,19 @@ def _train_epoch(run: Run, loop: Loop, state) -> tuple[Any, Averager, int]:
   return state, avg, signum
 
 
-def _log_progress(run: Run, loop: Loop, step_in_epoch: int, first: int, last: dict,
+def _log_progress(run: Run, loop: Loop, step_in_epoch: int, last: dict, timed_steps: int,
                   seconds: float) -> None:
+  """One progress line; img/s and the ETA from `timed_steps` steps in `seconds` (the compile
+  step left out), none before the first such step."""
   tc = run.config.train
-  rate = (step_in_epoch + 1 - first) * tc.batch_size / max(seconds, 1e-9)
+  where = (f'epoch {loop.epoch + 1}/{tc.epochs} step {step_in_epoch + 1}/{run.steps_per_epoch} '
+           f'loss {float(last["loss"]):.4f}')
+  if timed_steps <= 0 or seconds <= 0:
+    log(where)
+    return
+  rate = timed_steps * tc.batch_size / seconds
   left = (tc.epochs - loop.epoch) * run.steps_per_epoch - step_in_epoch - 1
-  log(f'epoch {loop.epoch + 1}/{tc.epochs} step {step_in_epoch + 1}/{run.steps_per_epoch} '
-      f'loss {float(last["loss"]):.4f} {rate:.1f} img/s '
-      f'ETA {_hms(left * tc.batch_size / max(rate, 1e-9))}')
+  log(f'{where} {rate:.1f} img/s ETA {_hms(left * tc.batch_size / rate)}')
 
 
 def _validate_and_save(run: Run, loop: Loop, state, avg: Averager, best: Best,
@@ -582,7 +590,9 @@ def _exit_on_signal(loop: Loop, signum: int) -> None:
 
 def _metric_writer(workdir: str):
   """TensorBoard event files in `workdir` (clu), written by process 0 only."""
-  from clu import metric_writers  # imports tensorflow: only after flowers_jax.data
+  from flowers_jax.data import tf_import
+  tf_import.import_tf()  # before clu imports it: GPUs hidden, no import banners
+  from clu import metric_writers
   return metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0,
                                               asynchronous=False)
 

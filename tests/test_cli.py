@@ -160,6 +160,10 @@ def test_learns_a_generated_ten_class_set(tmp_path):
                  '--config.data.pp_train=flip', '--config.train.batch_size=16',
                  '--config.train.epochs=6', timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
+  # Only the project's lines: TensorFlow's import banners (oneDNN, absl's InitializeLog
+  # notice) were printed twice on stderr before (data/tf_import.py).
+  assert proc.stderr.strip() == '', proc.stderr
+  assert proc.stdout.splitlines()[0].startswith('model resnet18: '), proc.stdout[:500]
   with open(os.path.join(workdir, 'results.json')) as f:
     results = json.load(f)
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:

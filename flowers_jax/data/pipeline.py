@@ -17,40 +17,22 @@ IDCT), always whole, so every store gives the same pixels.
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import logging
-import sys
 from typing import Iterator
 
 import numpy as np
 
 from flowers_jax.data import pp
 from flowers_jax.data import sources
+from flowers_jax.data import tf_import
 from flowers_jax.data import transforms
 
 AUTOTUNE = -1
 
 
-def _import_triton_first():
-  """Loading triton's library after TensorFlow's segfaults (tf 2.21, triton 3.8), and
-  torchvision loads triton (via torch._dynamo); so load it first when it is installed."""
-  if 'tensorflow' not in sys.modules and importlib.util.find_spec('triton') is not None:
-    try:
-      importlib.import_module('triton')
-    except Exception:
-      pass
-
-
 def import_tf():
-  """TensorFlow for the input pipeline only: hide GPUs from it so JAX keeps them."""
-  _import_triton_first()
-  import tensorflow as tf
-  try:
-    tf.config.set_visible_devices([], 'GPU')
-  except RuntimeError:  # TF already initialised its devices; nothing to hide any more.
-    pass
-  return tf
+  """TensorFlow for the input pipeline (`tf_import.py`: GPUs hidden, no import banners)."""
+  return tf_import.import_tf()
 
 
 def _decode_full(data):

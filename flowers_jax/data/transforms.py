@@ -31,8 +31,8 @@ INTERPOLATIONS = ('bilinear', 'bicubic', 'nearest', 'area')
 
 
 def _tf():
-  import tensorflow as tf
-  return tf
+  from flowers_jax.data import tf_import
+  return tf_import.import_tf()
 
 
 def normalize(image):
