@@ -35,6 +35,14 @@ def import_tf():
   return tf_import.import_tf()
 
 
+def graph_fn(fn):
+  """`fn` for `Dataset.map`, traced as it is: its control flow is already TensorFlow's
+  (`tf.cond`), so autograph has nothing to convert, and not converting writes none of the
+  `__autograph_generated_file*.py` files it leaves in the temp directory of a process that
+  ends without running atexit (test workers, killed runs)."""
+  return import_tf().autograph.experimental.do_not_convert(fn)
+
+
 def _decode_full(data):
   """Encoded image (tf.string scalar) -> uint8 [H, W, 3]."""
   tf = import_tf()
@@ -95,7 +103,7 @@ def decode_all(split: sources.Split, threads: int, skip_errors: bool = False):
   tf = import_tf()
   store = ImageStore(split, 'files' if split.paths is not None else 'bytes')
   ds = tf.data.Dataset.range(len(split)).map(
-      lambda i: (i, store.full(i)), num_parallel_calls=threads or AUTOTUNE,
+      graph_fn(lambda i: (i, store.full(i))), num_parallel_calls=threads or AUTOTUNE,
       deterministic=True)
   if skip_errors:
     ds = ds.ignore_errors()
@@ -165,7 +173,7 @@ def train_dataset(store: ImageStore, host_plan: dict, cfg, seed: int, epoch: int
 
   threads = cfg.threads or AUTOTUNE
   ds = tf.data.Dataset.from_tensor_slices(elements)
-  ds = ds.map(load, num_parallel_calls=threads, deterministic=True)
+  ds = ds.map(graph_fn(load), num_parallel_calls=threads, deterministic=True)
   ds = ds.batch(b, drop_remainder=True).prefetch(cfg.prefetch or AUTOTUNE)
   return ds.with_options(_options(cfg.threads)), plan
 
@@ -178,7 +186,7 @@ def eval_dataset(store: ImageStore, host_plan: dict, cfg, cache: bool):
   split = store.split
   view = pp.from_config(cfg, 'pp_eval')
   ds = tf.data.Dataset.from_tensor_slices(index).map(
-      lambda i: view(store.full(i)), num_parallel_calls=cfg.threads or AUTOTUNE,
+      graph_fn(lambda i: view(store.full(i))), num_parallel_calls=cfg.threads or AUTOTUNE,
       deterministic=True)
   if cache:
     ds = ds.cache()
@@ -186,7 +194,8 @@ def eval_dataset(store: ImageStore, host_plan: dict, cfg, cache: bool):
       'label': split.labels[index].astype(np.int32),
       'mask': host_plan['mask'].reshape(-1).astype(np.float32),
       'id': split.ids[index].astype(np.int32)})
-  ds = tf.data.Dataset.zip(ds, meta).map(lambda im, m: dict(m, image=transforms.normalize(im)))
+  ds = tf.data.Dataset.zip(ds, meta).map(
+      graph_fn(lambda im, m: dict(m, image=transforms.normalize(im))))
   ds = ds.batch(b, drop_remainder=True).prefetch(cfg.prefetch or AUTOTUNE)
   return ds.with_options(_options(cfg.threads))
 
