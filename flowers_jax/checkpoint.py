@@ -57,6 +57,7 @@ import os
 import shutil
 import signal
 import sys
+import threading
 from typing import Any, Callable
 
 import jax
@@ -167,34 +168,39 @@ class _DropUnretrieved(logging.Filter):
 _QUIET = []  # the filter once installed
 
 
+def _closed_loop(e: BaseException | None) -> bool:
+  return isinstance(e, RuntimeError) and str(e) == 'Event loop is closed'
+
+
 def _echo_of_a_failed_read(unraisable) -> bool:
   """An orbax read coroutine collected with its error, or a callback of its closed loop."""
   code = getattr(unraisable.object, 'cr_code', None) or getattr(unraisable.object, '__code__',
                                                                  None)
-  return ('orbax' in getattr(code, 'co_filename', '')
-          or str(unraisable.exc_value) == 'Event loop is closed')
+  return 'orbax' in getattr(code, 'co_filename', '') or _closed_loop(unraisable.exc_value)
 
 
 @contextlib.contextmanager
 def _quiet_failed_reads():
-  """After a failed checkpoint read, drops its echoes for the rest of the process.
+  """Drops the echoes of a failed checkpoint read, which reach the hooks while it fails.
 
   orbax reads each array in an asyncio task of its own. When one read fails, restore raises
   that error and the other tasks' errors are never retrieved: asyncio logs each one with a
-  traceback when it is collected, and their coroutines go to `sys.unraisablehook` (~140
-  tracebacks for one truncated file, some at exit). The caller reports the first error in one
-  line; from then on asyncio's "never retrieved" records, orbax's unraisable coroutines and
-  "Event loop is closed" callbacks are dropped (anything else still goes to the previous hook).
+  traceback when it is collected, their coroutines go to `sys.unraisablehook`, and
+  tensorstore's reads that finish after orbax closed their loop raise "Event loop is closed"
+  in its threads (~140 tracebacks for one truncated file, some before restore returns, some at
+  exit). The caller reports the first error in one line. So from the first read on, asyncio's
+  "never retrieved" records, orbax's unraisable coroutines and "Event loop is closed" errors
+  are dropped; anything else still goes to the previous hooks.
   """
-  try:
-    yield
-  except BaseException:
-    if not _QUIET:
-      _QUIET.append(_DropUnretrieved())
-      logging.getLogger('asyncio').addFilter(_QUIET[0])
-      previous = sys.unraisablehook
-      sys.unraisablehook = lambda u: None if _echo_of_a_failed_read(u) else previous(u)
-    raise
+  if not _QUIET:
+    _QUIET.append(_DropUnretrieved())
+    logging.getLogger('asyncio').addFilter(_QUIET[0])
+    unraisable, excepthook = sys.unraisablehook, sys.excepthook
+    sys.unraisablehook = lambda u: None if _echo_of_a_failed_read(u) else unraisable(u)
+    sys.excepthook = lambda t, e, tb: None if _closed_loop(e) else excepthook(t, e, tb)
+    thread_hook = threading.excepthook
+    threading.excepthook = lambda a: None if _closed_loop(a.exc_value) else thread_hook(a)
+  yield
 
 
 def _say(msg: str) -> None:
@@ -350,10 +356,12 @@ class Checkpointer:
 
   @classmethod
   def _restore_step(cls, mgr: ocp.CheckpointManager, step: int, target: PyTree,
-                    check: Callable[[dict], None] | None
+                    check: Callable[[dict], None] | None, parts: tuple[str, ...] = ()
                     ) -> tuple[PyTree, dict[str, Any]]:
     """(state, meta) of `step`: its meta, `check(meta)`, its structure against `target`'s,
-    then its arrays. CheckpointDamagedError / CheckpointMismatchError."""
+    then its arrays. With `parts`, `target` is a dict of those top-level entries of the state
+    only (e.g. params and batch_stats) and nothing else is read.
+    CheckpointDamagedError / CheckpointMismatchError."""
     with _quiet_failed_reads():
       meta = cls._restore_meta(mgr, step)
     if check is not None:
@@ -366,6 +374,8 @@ class Checkpointer:
         raise FileNotFoundError('no state metadata')
     except Exception as e:  # noqa: BLE001
       raise cls._damaged(mgr, step, f'{step}/state metadata', e) from None
+    if parts:
+      saved = {k: v for k, v in saved.items() if k in parts}
     problem = _first_mismatch(saved, _to_saveable(target))
     if problem:
       raise CheckpointMismatchError(
@@ -373,26 +383,40 @@ class Checkpointer:
           f'({problem}); resume with the config it was written with, or use a new --workdir')
     try:
       with _quiet_failed_reads():
+        if parts:
+          return cls._restore_parts(mgr, step, target), meta
         out = mgr.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(_to_saveable(target))))
     except Exception as e:  # noqa: BLE001
       raise cls._damaged(mgr, step, f'{step}/state', e) from None
     return _from_saved(target, out.state), meta
 
+  @staticmethod
+  def _restore_parts(mgr: ocp.CheckpointManager, step: int, target: dict) -> dict:
+    """The entries of `target` (a dict of numpy trees) from the step's state, as numpy; orbax's
+    partial restore reads no other array."""
+    target = jax.tree.map(np.asarray, target)
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
+    with ocp.PyTreeCheckpointer() as reader:
+      return reader.restore(os.path.join(str(mgr.directory), str(step), 'state'),
+                            args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args,
+                                                        partial_restore=True))
+
   def restore_latest(self, target: PyTree, *, check: Callable[[dict], None] | None = None,
-                     say: Callable[[str], None] = _say
+                     say: Callable[[str], None] = _say, parts: tuple[str, ...] = ()
                      ) -> tuple[PyTree, dict[str, Any]] | None:
     """(state, meta) of the newest intact 'latest' checkpoint, or None if there is none.
 
     A damaged one is skipped with one line (`say`) and the next older one tried; every process
     skips the same steps. `check(meta)` runs on a step's meta before its arrays are read (the
     loop refuses a change of model there). CheckpointDamagedError when every one is damaged;
-    CheckpointMismatchError when the newest intact one does not fit `target`.
+    CheckpointMismatchError when the newest intact one does not fit `target`. `parts`: as in
+    `restore_best`.
     """
     damaged = []
     for step in sorted(self._latest.all_steps(), reverse=True):
       try:
-        restored, problem = self._restore_step(self._latest, step, target, check), None
+        restored, problem = self._restore_step(self._latest, step, target, check, parts), None
       except CheckpointDamagedError as e:
         restored, problem = None, str(e)
       if _all_processes(restored is not None):
@@ -408,15 +432,16 @@ class Checkpointer:
           'move it away to train from the start, or use a new --workdir')
     return None
 
-  def restore_best(self, target: PyTree
+  def restore_best(self, target: PyTree, *, parts: tuple[str, ...] = ()
                    ) -> tuple[PyTree, dict[str, Any]] | None:
-    """(state, meta) of the best checkpoint, or None if none; CheckpointDamagedError /
+    """(state, meta) of the best checkpoint, or None if none; with `parts`, only those
+    top-level entries (`target` a dict of them). CheckpointDamagedError /
     CheckpointMismatchError."""
     step = self._best.latest_step()
     if step is None:
       return None
     try:
-      return self._restore_step(self._best, step, target, None)
+      return self._restore_step(self._best, step, target, None, parts)
     except CheckpointDamagedError as e:
       raise self._best_hint(e) from None
 
