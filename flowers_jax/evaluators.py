@@ -126,7 +126,9 @@ def _embedding_device(logits, pre_logits, batch, axis_name, cfg):
 
 def nearest_neighbours(queries: np.ndarray, reference: np.ndarray, k: int) -> np.ndarray:
   """int [Nq, k]: rows of `reference` [Nr, D] nearest to each query [Nq, D] (Euclidean, in
-  float64; ties go to the lower row)."""
+  float64, as |q|^2 + |r|^2 - 2 q.r). Equal computed distances (duplicate reference rows among
+  them) go to the lower row; distances equal only in exact arithmetic may differ in their last
+  bits here and come in either order."""
   q, r = queries.astype(np.float64), reference.astype(np.float64)
   d2 = (q * q).sum(1)[:, None] + (r * r).sum(1)[None, :] - 2.0 * q @ r.T
   return np.argsort(d2, axis=1, kind='stable')[:, :k]
