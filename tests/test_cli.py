@@ -38,6 +38,16 @@ def one_error_line(proc: subprocess.CompletedProcess) -> str:
   return lines[0]
 
 
+def tiny_run_args(workdir, data_dir, epochs: int = 2) -> tuple[str, ...]:
+  """The demo config on a 3-class set of 16 px images (`data.make_fake_flowers(...,
+  num_classes=3, per_class=4, image_size=16)`), batch 4: a whole run in seconds."""
+  return ('--config', 'configs/demo.py', '--workdir', str(workdir),
+          f'--config.data.dir={data_dir}', '--config.model.num_classes=3',
+          '--config.data.image_size=16', f'--config.train.epochs={epochs}',
+          '--config.train.batch_size=4', '--config.train.eval_batch_size=4',
+          '--config.optim.warmup_steps=0')
+
+
 @pytest.fixture(scope='module')
 def three_classes(tmp_path_factory):
   d = tmp_path_factory.mktemp('three_classes')

@@ -14,7 +14,7 @@ import pytest
 
 from flowers_jax import checkpoint, data
 from test_checkpoint import _assert_identical, _state
-from test_cli import ROOT, one_error_line, run_cli
+from test_cli import ROOT, one_error_line, run_cli, tiny_run_args
 
 
 def _truncate_data_files(step_dir: str) -> None:
@@ -103,20 +103,12 @@ def test_a_save_older_than_the_newest_step_is_written_and_replaces_the_newer(tmp
 # ------------------------------------------------------------------ the CLI and predict
 
 
-def _args(workdir, data_dir):
-  return ('--config', 'configs/demo.py', '--workdir', str(workdir),
-          f'--config.data.dir={data_dir}', '--config.model.num_classes=3',
-          '--config.data.image_size=16', '--config.train.epochs=2',
-          '--config.train.batch_size=4', '--config.train.eval_batch_size=4',
-          '--config.optim.warmup_steps=0')
-
-
 @pytest.fixture(scope='module')
 def trained(tmp_path_factory):
   """(data dir, a finished 2-epoch run: latest/3, latest/6 and best/<step>)."""
   root = tmp_path_factory.mktemp('damaged')
   data.make_fake_flowers(str(root / 'data'), num_classes=3, per_class=4, image_size=16, seed=0)
-  proc = run_cli(*_args(root / 'run', root / 'data'))
+  proc = run_cli(*tiny_run_args(root / 'run', root / 'data'))
   assert proc.returncode == 0, proc.stderr[-3000:]
   return root / 'data', root / 'run'
 
@@ -128,7 +120,7 @@ def test_a_run_resumes_from_the_older_latest_and_ends_as_an_undamaged_run(tmp_pa
   os.remove(copy / 'results.json')
   latest = sorted(int(s) for s in os.listdir(copy / 'checkpoints' / 'latest'))
   DAMAGE['truncated data files'][0](str(copy / 'checkpoints' / 'latest' / str(latest[-1])))
-  proc = run_cli(*_args(copy, data_dir))
+  proc = run_cli(*tiny_run_args(copy, data_dir))
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert f'checkpoints/latest/{latest[-1]} is damaged (' in proc.stdout
   assert f'resuming from the older {copy}/checkpoints/latest/{latest[0]}' in proc.stdout
@@ -145,7 +137,7 @@ def test_every_latest_damaged_is_one_line(tmp_path, trained):
   shutil.copytree(run, copy)
   for step in os.listdir(copy / 'checkpoints' / 'latest'):
     DAMAGE['garbage manifest'][0](str(copy / 'checkpoints' / 'latest' / step))
-  line = one_error_line(run_cli(*_args(copy, data_dir)))
+  line = one_error_line(run_cli(*tiny_run_args(copy, data_dir)))
   assert 'no intact latest checkpoint in ' in line and 'is damaged (' in line, line
 
 

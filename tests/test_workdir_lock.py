@@ -12,7 +12,7 @@ import pytest
 
 from flowers_jax import data
 from flowers_jax.workdir_lock import WorkdirInUseError, WorkdirLock
-from test_cli import ROOT, one_error_line, run_cli
+from test_cli import ROOT, one_error_line, run_cli, tiny_run_args
 
 
 def test_a_second_lock_on_a_held_workdir_names_the_holder(tmp_path):
@@ -39,20 +39,12 @@ def test_a_lock_left_by_a_killed_process_blocks_nothing(tmp_path):
     assert f'pid {os.getpid()} ' in (tmp_path / '.lock.process_0').read_text()
 
 
-def _train_args(workdir, data_dir):
-  return ('--config', 'configs/demo.py', '--workdir', str(workdir),
-          f'--config.data.dir={data_dir}', '--config.model.num_classes=3',
-          '--config.data.image_size=16', '--config.train.epochs=3',
-          '--config.train.batch_size=4', '--config.train.eval_batch_size=4',
-          '--config.optim.warmup_steps=0')
-
-
 def test_a_second_run_on_a_workdir_in_use_stops_at_once_and_the_first_is_untouched(tmp_path):
   data_dir = tmp_path / 'data'
   data.make_fake_flowers(str(data_dir), num_classes=3, per_class=4, image_size=16, seed=0)
   env = {k: v for k, v in os.environ.items() if k not in ('XLA_FLAGS', 'TF_CPP_MIN_LOG_LEVEL')}
   first = subprocess.Popen([sys.executable, '-m', 'flowers_jax.main',
-                            *_train_args(tmp_path / 'shared', data_dir)],
+                            *tiny_run_args(tmp_path / 'shared', data_dir, epochs=3)],
                            cwd=ROOT, env=env, stdout=subprocess.PIPE,
                            stderr=subprocess.STDOUT, text=True)
   lock = tmp_path / 'shared' / '.lock.process_0'
@@ -61,7 +53,7 @@ def test_a_second_run_on_a_workdir_in_use_stops_at_once_and_the_first_is_untouch
     assert first.poll() is None and time.time() < deadline, first.communicate()[0][-3000:]
     time.sleep(0.2)
   t0 = time.time()
-  second = run_cli(*_train_args(tmp_path / 'shared', data_dir), timeout=60)
+  second = run_cli(*tiny_run_args(tmp_path / 'shared', data_dir, epochs=3), timeout=60)
   seconds = time.time() - t0
   line = one_error_line(second)
   assert f'in use by another run (pid {first.pid} on host ' in line, line
@@ -69,7 +61,7 @@ def test_a_second_run_on_a_workdir_in_use_stops_at_once_and_the_first_is_untouch
   out = first.communicate(timeout=300)[0]
   assert first.returncode == 0, out[-3000:]
   assert first.pid and second.returncode == 2
-  lone = run_cli(*_train_args(tmp_path / 'lone', data_dir))
+  lone = run_cli(*tiny_run_args(tmp_path / 'lone', data_dir, epochs=3))
   assert lone.returncode == 0, lone.stderr[-3000:]
   rows = {name: [json.loads(r) for r in (tmp_path / name / 'metrics.jsonl').open()]
           for name in ('shared', 'lone')}
