@@ -105,6 +105,10 @@ class DiskSpaceError(OSError):
   """The disk cannot hold the run's checkpoints; raised before the first step."""
 
 
+class CheckpointWriteError(OSError):
+  """A checkpoint could not be written (a full disk, a lost mount, ...)."""
+
+
 class CheckpointDamagedError(RuntimeError):
   """A checkpoint's files cannot be read (truncated, overwritten or missing)."""
 
@@ -179,28 +183,69 @@ def _echo_of_a_failed_read(unraisable) -> bool:
   return 'orbax' in getattr(code, 'co_filename', '') or _closed_loop(unraisable.exc_value)
 
 
-@contextlib.contextmanager
-def _quiet_failed_reads():
-  """Drops the echoes of a failed checkpoint read, which reach the hooks while it fails.
+class _HoldOrbaxLogs(logging.Filter):
+  """Holds orbax's absl log records while an operation runs (`held`), or drops its errors for
+  good once one failed (`dropping`): the failure is reported in one line by the caller."""
 
-  orbax reads each array in an asyncio task of its own. When one read fails, restore raises
-  that error and the other tasks' errors are never retrieved: asyncio logs each one with a
-  traceback when it is collected, their coroutines go to `sys.unraisablehook`, and
-  tensorstore's reads that finish after orbax closed their loop raise "Event loop is closed"
-  in its threads (~140 tracebacks for one truncated file, some before restore returns, some at
-  exit). The caller reports the first error in one line. So from the first read on, asyncio's
-  "never retrieved" records, orbax's unraisable coroutines and "Event loop is closed" errors
-  are dropped; anything else still goes to the previous hooks.
+  def __init__(self):
+    super().__init__()
+    self.held: list[logging.LogRecord] | None = None
+    self.dropping = False
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if '/orbax/' not in record.pathname.replace(os.sep, '/'):
+      return True
+    if self.held is not None:
+      self.held.append(record)
+      return False
+    return not (self.dropping and record.levelno >= logging.ERROR)
+
+
+_ORBAX_LOGS = _HoldOrbaxLogs()
+
+
+def _install_echo_filters() -> None:
+  """Once per process: drop the echoes of a failed orbax operation (see `_quiet_failures`)."""
+  if _QUIET:
+    return
+  _QUIET.append(_DropUnretrieved())
+  logging.getLogger('asyncio').addFilter(_QUIET[0])
+  logging.getLogger('absl').addFilter(_ORBAX_LOGS)
+  unraisable, excepthook = sys.unraisablehook, sys.excepthook
+  sys.unraisablehook = lambda u: None if _echo_of_a_failed_read(u) else unraisable(u)
+  sys.excepthook = lambda t, e, tb: None if _closed_loop(e) else excepthook(t, e, tb)
+  thread_hook = threading.excepthook
+  threading.excepthook = lambda a: None if _closed_loop(a.exc_value) else thread_hook(a)
+
+
+@contextlib.contextmanager
+def _quiet_failures():
+  """Runs an orbax read or write so that its failure is one error, not hundreds of lines.
+
+  orbax reads and writes each array in an asyncio task of its own. When one fails, the call
+  raises that error and the other tasks' errors are never retrieved: asyncio logs each one
+  with a traceback when it is collected, their coroutines go to `sys.unraisablehook`,
+  tensorstore's operations that finish after orbax closed their loop raise "Event loop is
+  closed" in its threads (via `sys.excepthook`), and orbax's background threads log errors
+  (845 lines for one save on a full disk, ~140 tracebacks for one truncated file; some before
+  the call returns, some at exit). So, from the first call on, asyncio's "never retrieved"
+  records, orbax's unraisable coroutines and "Event loop is closed" errors are dropped
+  (anything else still reaches the previous hooks); orbax's log records are held during the
+  call and passed on when it succeeds; when it fails they, and orbax's later error records,
+  are dropped, and the caller reports the error it raised in one line.
   """
-  if not _QUIET:
-    _QUIET.append(_DropUnretrieved())
-    logging.getLogger('asyncio').addFilter(_QUIET[0])
-    unraisable, excepthook = sys.unraisablehook, sys.excepthook
-    sys.unraisablehook = lambda u: None if _echo_of_a_failed_read(u) else unraisable(u)
-    sys.excepthook = lambda t, e, tb: None if _closed_loop(e) else excepthook(t, e, tb)
-    thread_hook = threading.excepthook
-    threading.excepthook = lambda a: None if _closed_loop(a.exc_value) else thread_hook(a)
-  yield
+  _install_echo_filters()
+  outer = _ORBAX_LOGS.held
+  _ORBAX_LOGS.held = held = []
+  try:
+    yield
+  except BaseException:
+    _ORBAX_LOGS.dropping = True
+    _ORBAX_LOGS.held = outer
+    raise
+  _ORBAX_LOGS.held = outer
+  for record in held:  # through the filter again: held by an outer call, or passed on
+    logging.getLogger(record.name).handle(record)
 
 
 def _say(msg: str) -> None:
@@ -301,12 +346,20 @@ class Checkpointer:
     for old in mgr.all_steps():
       if old >= step:
         mgr.delete(old)
-    saved = mgr.save(step, force=True, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(_to_saveable(state)),
-        meta=ocp.args.JsonSave(_jsonable(meta))))
-    mgr.wait_until_finished()
+    try:
+      with _quiet_failures():
+        saved = mgr.save(step, force=True, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(_to_saveable(state)),
+            meta=ocp.args.JsonSave(_jsonable(meta))))
+        mgr.wait_until_finished()
+    except Exception as e:  # noqa: BLE001 - a full disk, a lost mount, ...: one line
+      full = 'RESOURCE_EXHAUSTED' in str(e) or 'No space left' in str(e)
+      raise CheckpointWriteError(
+          f'could not write the checkpoint {mgr.directory}/{step}'
+          f'{" (the disk is full)" if full else ""}: {_reason(e)}; the older checkpoints '
+          'are kept: free some space and run the same command again to resume') from None
     if not saved:
-      raise RuntimeError(f'orbax did not write the checkpoint {mgr.directory}/{step}')
+      raise CheckpointWriteError(f'orbax did not write the checkpoint {mgr.directory}/{step}')
 
   def save_latest(self, step: int, state: PyTree,
                   meta: dict[str, Any]) -> None:
@@ -362,12 +415,12 @@ class Checkpointer:
     then its arrays. With `parts`, `target` is a dict of those top-level entries of the state
     only (e.g. params and batch_stats) and nothing else is read.
     CheckpointDamagedError / CheckpointMismatchError."""
-    with _quiet_failed_reads():
+    with _quiet_failures():
       meta = cls._restore_meta(mgr, step)
     if check is not None:
       check(meta)
     try:
-      with _quiet_failed_reads():
+      with _quiet_failures():
         saved = mgr.item_metadata(step)['state']
       saved = getattr(saved, 'tree', saved)
       if saved is None:
@@ -382,7 +435,7 @@ class Checkpointer:
           f'the checkpoint in {mgr.directory}/{step} does not fit this model and optimizer '
           f'({problem}); resume with the config it was written with, or use a new --workdir')
     try:
-      with _quiet_failed_reads():
+      with _quiet_failures():
         if parts:
           return cls._restore_parts(mgr, step, target), meta
         out = mgr.restore(step, args=ocp.args.Composite(

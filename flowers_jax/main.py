@@ -83,7 +83,8 @@ def main(argv):
   try:
     train.train_and_evaluate(config, FLAGS.workdir)
   except (FileNotFoundError, ValueError, checkpoint.DiskSpaceError,
-          checkpoint.CheckpointDamagedError, train.NonFiniteLossError,
+          checkpoint.CheckpointDamagedError, checkpoint.CheckpointWriteError,
+          train.NonFiniteLossError,
           workdir_lock.WorkdirInUseError) as e:
     _fail(str(e).splitlines()[0], alone=many_hosts)
   except Exception:
