@@ -328,6 +328,23 @@ def test_progress_rate_and_eta_leave_the_compile_step_out(data_dir, tmp_path, ca
   assert rates[0] > 2 * BATCH / max(compile_s, 0.05), (rates, compile_s)
 
 
+def test_a_class_absent_from_validation_or_test_is_said_and_from_train_refused(capsys):
+  """`_check_splits` runs before anything is built (an empty class folder trained a class
+  with no image without a word)."""
+  import types
+  split = lambda labels: types.SimpleNamespace(labels=np.asarray(labels, np.int32))
+  ds = types.SimpleNamespace(num_classes=3, class_names=('a', 'b', 'c'), splits={
+      'train': split([0, 1, 2]), 'validation': split([0, 2]), 'test': split([0, 1, 2])})
+  cfg = config_lib.base_config().data
+  train._check_splits(ds, cfg)
+  assert capsys.readouterr().out == (
+      "warning: split 'validation' has no image of 1 class(es) ('b'): their per-class accuracy "
+      'is null and they count in no accuracy\n')
+  ds.splits['train'] = split([0, 0, 2])
+  with pytest.raises(ValueError, match=r"1 of 3 classes have no train image \('b'\)"):
+    train._check_splits(ds, cfg)
+
+
 def test_metrics_files_are_strict_json():
   row = {'a': float('nan'), 'b': [1.0, float('inf')], 'c': np.float32('-inf'), 'd': 0.5}
   assert json.loads(train._dumps(row)) == {'a': None, 'b': [1.0, None], 'c': None, 'd': 0.5}
