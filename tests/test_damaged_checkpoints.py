@@ -160,18 +160,17 @@ def test_a_checkpoint_write_that_fails_is_one_line(tmp_path, trained):
   """A file-size limit of 8 MB (RLIMIT_FSIZE, SIGXFSZ ignored) fails orbax's first write of
   the 128 MiB train state as a full disk would: one line, where a full disk gave 845 (orbax's
   background errors, "Event loop is closed" tracebacks)."""
-  import resource
-  import signal
   data_dir, _ = trained
-
-  def limit_file_size():
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (8 * 2**20, 8 * 2**20))
-
-  env = {k: v for k, v in os.environ.items() if k not in ('XLA_FLAGS', 'JAX_COMPILATION_CACHE_DIR')}
-  proc = subprocess.run([sys.executable, '-m', 'flowers_jax.main',
+  limited = ('import resource, runpy, signal, sys; '
+             'signal.signal(signal.SIGXFSZ, signal.SIG_IGN); '
+             'resource.setrlimit(resource.RLIMIT_FSIZE, (8 * 2**20, 8 * 2**20)); '
+             "sys.argv[0] = 'flowers_jax.main'; "
+             "runpy.run_module('flowers_jax.main', run_name='__main__')")
+  env = {k: v for k, v in os.environ.items()
+         if k not in ('XLA_FLAGS', 'JAX_COMPILATION_CACHE_DIR')}  # no cache file over the limit
+  proc = subprocess.run([sys.executable, '-c', limited,
                          *tiny_run_args(tmp_path / 'run', data_dir)], cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=300, preexec_fn=limit_file_size)
+                        capture_output=True, text=True, timeout=300)
   line = one_error_line(proc)
   assert line.startswith(f'error: could not write the checkpoint {tmp_path}/run/checkpoints/'), line
   assert 'the older checkpoints are kept' in line
