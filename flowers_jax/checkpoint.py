@@ -51,6 +51,7 @@ unreplicated state (`flax.jax_utils.unreplicate` / `replicate`).
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -169,15 +170,12 @@ class _DropUnretrieved(logging.Filter):
     return 'exception was never retrieved' not in str(record.msg)
 
 
-_QUIET = []  # the filter once installed
-
-
 def _closed_loop(e: BaseException | None) -> bool:
   return isinstance(e, RuntimeError) and str(e) == 'Event loop is closed'
 
 
-def _echo_of_a_failed_read(unraisable) -> bool:
-  """An orbax read coroutine collected with its error, or a callback of its closed loop."""
+def _echo_of_a_failure(unraisable) -> bool:
+  """An orbax coroutine collected with its error, or a callback of its closed loop."""
   code = getattr(unraisable.object, 'cr_code', None) or getattr(unraisable.object, '__code__',
                                                                  None)
   return 'orbax' in getattr(code, 'co_filename', '') or _closed_loop(unraisable.exc_value)
@@ -204,15 +202,13 @@ class _HoldOrbaxLogs(logging.Filter):
 _ORBAX_LOGS = _HoldOrbaxLogs()
 
 
+@functools.cache
 def _install_echo_filters() -> None:
   """Once per process: drop the echoes of a failed orbax operation (see `_quiet_failures`)."""
-  if _QUIET:
-    return
-  _QUIET.append(_DropUnretrieved())
-  logging.getLogger('asyncio').addFilter(_QUIET[0])
+  logging.getLogger('asyncio').addFilter(_DropUnretrieved())
   logging.getLogger('absl').addFilter(_ORBAX_LOGS)
   unraisable, excepthook = sys.unraisablehook, sys.excepthook
-  sys.unraisablehook = lambda u: None if _echo_of_a_failed_read(u) else unraisable(u)
+  sys.unraisablehook = lambda u: None if _echo_of_a_failure(u) else unraisable(u)
   sys.excepthook = lambda t, e, tb: None if _closed_loop(e) else excepthook(t, e, tb)
   thread_hook = threading.excepthook
   threading.excepthook = lambda a: None if _closed_loop(a.exc_value) else thread_hook(a)
@@ -403,7 +399,9 @@ class Checkpointer:
   @classmethod
   def _restore_meta(cls, mgr: ocp.CheckpointManager, step: int) -> dict[str, Any]:
     try:
-      return dict(mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta)
+      with _quiet_failures():
+        return dict(mgr.restore(step, args=ocp.args.Composite(
+            meta=ocp.args.JsonRestore())).meta)
     except Exception as e:  # noqa: BLE001 - any failure to read the files is damage
       raise cls._damaged(mgr, step, f'{step}/meta', e) from None
 
@@ -415,8 +413,7 @@ class Checkpointer:
     then its arrays. With `parts`, `target` is a dict of those top-level entries of the state
     only (e.g. params and batch_stats) and nothing else is read.
     CheckpointDamagedError / CheckpointMismatchError."""
-    with _quiet_failures():
-      meta = cls._restore_meta(mgr, step)
+    meta = cls._restore_meta(mgr, step)
     if check is not None:
       check(meta)
     try:
