@@ -92,8 +92,6 @@ def main(argv):
       raise
     traceback.print_exc()
     _exit(1, alone=True)
-  finally:
-    checkpoint.restore_signal_handlers()
 
 
 def run() -> None:

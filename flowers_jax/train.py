@@ -187,18 +187,25 @@ def _flat_config(config_dict: dict, prefix: str = '') -> dict[str, Any]:
   return out
 
 
+def config_changes(saved: dict, config: ml_collections.ConfigDict
+                   ) -> dict[str, tuple[Any, Any]]:
+  """{dotted key: (saved value, config's value)} of the keys that differ between a saved
+  config.json dict and `config`, sorted, `NOT_COMPARED_KEYS` left out."""
+  old = _flat_config(saved)
+  new = _flat_config(json.loads(_dumps(config.to_dict())))
+  return {k: (old.get(k), new.get(k)) for k in sorted(old.keys() | new.keys())
+          if old.get(k) != new.get(k) and not k.startswith(NOT_COMPARED_KEYS)}
+
+
 def _check_config_change(saved: dict | None, config: ml_collections.ConfigDict,
                          workdir: str) -> None:
   """On resume: one line naming what changed; ValueError for a change of what the state means."""
   if not saved:
     return
-  old = _flat_config(saved)
-  new = _flat_config(json.loads(_dumps(config.to_dict())))
-  changed = sorted(k for k in old.keys() | new.keys()
-                   if old.get(k) != new.get(k) and not k.startswith(NOT_COMPARED_KEYS))
+  changed = config_changes(saved, config)
   if not changed:
     return
-  what = ', '.join(f'{k} {old.get(k)!r} -> {new.get(k)!r}' for k in changed)
+  what = ', '.join(f'{k} {a!r} -> {b!r}' for k, (a, b) in changed.items())
   refused = [k for k in changed if k.startswith(STATE_DEFINING_KEYS)]
   if refused:
     raise ValueError(f'{workdir} holds a checkpoint of another model or loss ({what}); '
@@ -542,7 +549,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   t_start = time.time()
   config_checks.validate(config)
   with WorkdirLock(workdir):  # before anything in the workdir is read or written
-    return _train_and_evaluate(config, workdir, t_start)
+    try:
+      return _train_and_evaluate(config, workdir, t_start)
+    finally:  # the SIGTERM / SIGINT handlers the loop installed go, however it ends
+      ckpt_lib.restore_signal_handlers()
 
 
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, t_start: float) -> dict:

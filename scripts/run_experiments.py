@@ -189,17 +189,14 @@ def report_line(name: str, status: str, results: dict | None, seconds: float | N
 
 def config_changes(cmd: list[str], workdir: str) -> list[str]:
   """The config keys (dotted) whose values differ between the run's config.json and the config
-  that `cmd` gives; distributed.* (per process) are not compared."""
+  that `cmd` gives, compared as a resume compares them (`train.config_changes`)."""
   from flowers_jax import config_utils, train
   path = os.path.join(workdir, 'config.json')
   if not os.path.isfile(path):
     return ['config.json (missing)']
   with open(path) as f:
-    saved = train._flat_config(json.load(f))
-  wanted = train._flat_config(json.loads(train._dumps(
-      config_utils.config_from_argv(cmd).to_dict())))
-  return sorted(k for k in saved.keys() | wanted.keys()
-                if saved.get(k) != wanted.get(k) and not k.startswith('distributed.'))
+    saved = json.load(f)
+  return list(train.config_changes(saved, config_utils.config_from_argv(cmd)))
 
 
 def run_one(model: str, variant: str, args, data_dir: str, env: dict) -> tuple[str, int]:
