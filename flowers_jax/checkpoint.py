@@ -15,10 +15,12 @@ the one record of the best epoch and its validation accuracy (`best_meta()`).
 opt_state, rng). It is stored in its `flax.serialization.to_state_dict` form
 (nested dicts), with typed PRNG keys (`jax.random.key`) stored as their key
 data, so the files do not depend on the state's Python classes. `meta` is a
-small JSON dict (epoch, step_in_epoch, val_accuracy, config, ...).
+small JSON dict (step, epoch, val_accuracy, config, ...).
 
-Every save blocks until the files are complete (`wait_until_finished`), so a
-process that saves and then exits on SIGTERM loses nothing. A save at step s
+Saves are asynchronous (orbax writes in a thread while training goes on); each
+save first finishes the one before it (so `best` is complete before the `latest`
+after it begins), and the loop calls `wait()` before it exits on SIGTERM or ends,
+so nothing is lost. A save at step s
 first deletes the steps >= s (a run resumed from an older `latest` has left
 their timeline) and is forced: orbax would otherwise skip, without a word, a
 step older than its newest.
@@ -43,8 +45,9 @@ unreplicated state (`flax.jax_utils.unreplicate` / `replicate`).
     ckpt = checkpoint.Checkpointer(workdir)
     restored = ckpt.restore_latest(state)          # None on a fresh workdir
     ...
-    ckpt.save_best(step, state, {'epoch': e, 'val_accuracy': v})   # the caller decides
-    ckpt.save_latest(step, state, {'epoch': e, 'step_in_epoch': 0})
+    ckpt.save_best(step, state, {'step': s, 'val_accuracy': v})   # the caller decides
+    ckpt.save_latest(step, state, {'step': s, ...}, wait=False)   # returns while it writes
+    ckpt.wait()                                      # the last save is on disk
     ckpt.best_meta()                                 # {'epoch': e, 'val_accuracy': v} | None
 """
 
@@ -309,6 +312,7 @@ class Checkpointer:
         os.path.join(root, 'latest'),
         options=ocp.CheckpointManagerOptions(max_to_keep=keep_latest),
         item_handlers=handlers())
+    self._pending: tuple[ocp.CheckpointManager, int] | None = None  # a save being written
     self._best = ocp.CheckpointManager(
         os.path.join(root, 'best'),
         options=ocp.CheckpointManagerOptions(max_to_keep=1), item_handlers=handlers())
@@ -333,38 +337,61 @@ class Checkpointer:
           'are free; free some space, choose another '
           '--workdir, or train without checkpoints (--config.train.checkpoint=False)')
 
-  @staticmethod
-  def _save(mgr: ocp.CheckpointManager, step: int, state: PyTree,
-            meta: dict[str, Any]) -> None:
+  def _save(self, mgr: ocp.CheckpointManager, step: int, state: PyTree,
+            meta: dict[str, Any], wait: bool = True) -> None:
+    """Saves `step`; the previous save (of either manager) is finished first, so `best` is
+    on disk before the `latest` that follows it starts. `wait=False` returns while orbax
+    writes in its thread: `wait()` (the next save, the run's end, a stop) finishes it."""
+    self.wait()
     step = int(step)
     # The same step (a stop right after an epoch's save) or newer ones (a run resumed from an
     # older checkpoint than the newest, which was damaged) are replaced.
     for old in mgr.all_steps():
       if old >= step:
         mgr.delete(old)
+    with self._write_errors(mgr, step):
+      saved = mgr.save(step, force=True, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(_to_saveable(state)),
+          meta=ocp.args.JsonSave(_jsonable(meta))))
+    if not saved:
+      raise CheckpointWriteError(f'orbax did not write the checkpoint {mgr.directory}/{step}')
+    self._pending = (mgr, step)
+    if wait:
+      self.wait()
+
+  def wait(self) -> None:
+    """Blocks until the last save is on disk; CheckpointWriteError if it failed."""
+    if self._pending is None:
+      return
+    mgr, step = self._pending
+    self._pending = None
+    with self._write_errors(mgr, step):
+      mgr.wait_until_finished()
+
+  @staticmethod
+  @contextlib.contextmanager
+  def _write_errors(mgr: ocp.CheckpointManager, step: int):
+    """A failed write (a full disk, a lost mount, ...) as one CheckpointWriteError line."""
     try:
       with _quiet_failures():
-        saved = mgr.save(step, force=True, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(_to_saveable(state)),
-            meta=ocp.args.JsonSave(_jsonable(meta))))
-        mgr.wait_until_finished()
-    except Exception as e:  # noqa: BLE001 - a full disk, a lost mount, ...: one line
+        yield
+    except Exception as e:  # noqa: BLE001
       full = 'RESOURCE_EXHAUSTED' in str(e) or 'No space left' in str(e)
       raise CheckpointWriteError(
           f'could not write the checkpoint {mgr.directory}/{step}'
           f'{" (the disk is full)" if full else ""}: {_reason(e)}; the older checkpoints '
           'are kept: free some space and run the same command again to resume') from None
-    if not saved:
-      raise CheckpointWriteError(f'orbax did not write the checkpoint {mgr.directory}/{step}')
 
-  def save_latest(self, step: int, state: PyTree,
-                  meta: dict[str, Any]) -> None:
-    """Writes `state` and `meta` as the newest 'latest' checkpoint."""
-    self._save(self._latest, step, state, meta)
+  def save_latest(self, step: int, state: PyTree, meta: dict[str, Any],
+                  wait: bool = True) -> None:
+    """Writes `state` and `meta` as the newest 'latest' checkpoint (`wait`: see `_save`)."""
+    self._save(self._latest, step, state, meta, wait)
 
-  def save_best(self, step: int, state: PyTree, meta: dict[str, Any]) -> None:
-    """Replaces the 'best' checkpoint by `state`; `meta` should hold its epoch and score."""
-    self._save(self._best, step, state, meta)
+  def save_best(self, step: int, state: PyTree, meta: dict[str, Any],
+                wait: bool = False) -> None:
+    """Replaces the 'best' checkpoint by `state`; `meta` should hold its step and score. It
+    is finished before the next save starts (`_save`)."""
+    self._save(self._best, step, state, meta, wait)
 
   def latest_meta(self) -> dict[str, Any] | None:
     """The meta of the newest 'latest' checkpoint (no state read), or None if there is none;
@@ -496,6 +523,7 @@ class Checkpointer:
       raise self._best_hint(e) from None
 
   def close(self) -> None:
+    self.wait()
     self._latest.close()
     self._best.close()
 

@@ -34,10 +34,14 @@ BASE: dict[str, Any] = {
         'num_classes': 102,
         # Every other key is a model option (`models.spec(name).options`), set by the model's
         # config file, e.g. ResNet's 'deform', ViT's 'image_size'.
+        # Activation checkpointing (jax.checkpoint): per encoder block (ViT), per stage (ResNet,
+        # EfficientNet). Less memory, one more forward pass per step.
+        'remat': False,
     },
     'init': {
         'torchvision': '',  # .pth state_dict or converted checkpoint dir; '' = random init
         'allow_partial': False,  # True: load a state_dict that covers only part of the backbone
+        'zero_head': False,  # True: the classifier head starts at zero (big_vision's transfer)
     },
     'data': {
         'source': 'folder',  # 'tfds' | 'folder' | 'imagefolder'
@@ -57,6 +61,9 @@ BASE: dict[str, Any] = {
         'prefetch': 2,
     },
     'train': {
+        # How long: `steps` optimizer steps, or (steps=0) `epochs` passes of the train split
+        # (epochs * (train images // batch_size) steps). The other one is derived and logged.
+        'steps': 0,
         'epochs': 20,
         'batch_size': 32,  # global batch, split over hosts and devices
         'eval_batch_size': 64,
@@ -75,6 +82,19 @@ BASE: dict[str, Any] = {
         'log_every': 10,  # steps between progress lines
         'max_steps_per_epoch': 0,  # 0: full epochs; >0 truncates (smoke tests)
         'checkpoint': True,
+        'checkpoint_every_steps': 0,  # `latest` every N steps; 0: with every validation
+        'test_checkpoint': 'best',  # tested state: 'best' (by val accuracy) | 'final'
+        # Gradient accumulation: each step's global batch in `accum_steps` microbatches of
+        # batch_size / accum_steps (BatchNorm normalises each with its own statistics).
+        'accum_steps': 1,
+        # EMA of params and BatchNorm statistics (timm ModelEmaV3 with warmup); evaluated and
+        # saved beside the raw weights; 0: off.
+        'ema_decay': 0.0,
+        # Mixup / CutMix (timm's Mixup, batch mode): Beta alphas (0: off), and the probability
+        # of CutMix when both are on; mixed on the device inside the train step.
+        'mixup': 0.0,
+        'cutmix': 0.0,
+        'mix_switch_prob': 0.5,
     },
     'optim': {
         'name': 'sgd',  # 'sgd' | 'adamw'
@@ -91,6 +111,12 @@ BASE: dict[str, Any] = {
         'step_factor': 0.1,  # 'step': lr multiplier at each boundary
         'clip_norm': 0.0,  # global-norm gradient clipping; 0: off
         'decay_norm_and_bias': False,  # True: weight decay on 1-D params too
+        # ViT layer-wise lr decay (BEiT / timm): block i's lr x decay^(depth - i), the
+        # embeddings' x decay^(depth + 1), the head's x 1; 1.0: off.
+        'layer_decay': 1.0,
+        # lr multipliers on parameter paths, 'regex=mult,regex=mult' (the first match wins),
+        # e.g. '^head/=10'; '': none. Applied on top of layer_decay.
+        'lr_mults': '',
     },
     # Evaluators (flowers_jax/evaluators.py), run on validation each epoch and on test at the
     # best checkpoint: 'classification' (top-1/top-5/loss, per-class accuracy, confusion
@@ -99,6 +125,7 @@ BASE: dict[str, Any] = {
     'evals': {
         'names': 'classification',  # comma-separated
         'knn_k': 10,  # 'embedding': neighbours that vote in the k-NN accuracy
+        'every_steps': 0,  # validate every N steps (and after the last); 0: after every epoch
     },
     'distributed': {
         'coordinator_address': '',  # 'host:port', or 'auto' (TPU pods, SLURM); '' = one host

@@ -26,6 +26,7 @@ from flowers_jax.config import BASE, ConfigError
 
 BATCHNORM_MODES = ('auto', 'batch', 'running')
 DTYPES = ('float32', 'bfloat16')
+TEST_CHECKPOINTS = ('best', 'final')
 
 
 def _is_int(v: Any) -> bool:
@@ -94,6 +95,24 @@ def _process_id_ok(v: Any, c: Any) -> bool:
   return _is_int(v) and 0 <= v < (n if _is_int(n) and n >= 1 else 1)
 
 
+def _accum_ok(v: Any, c: Any) -> bool:
+  """Divides the global batch; one step's batch for the batch-hard loss (it mines it whole)."""
+  batch = _lookup(c, 'train.batch_size')[1]
+  loss = _lookup(c, 'train.loss')[1]
+  return (_is_int(v) and v >= 1 and (not _is_int(batch) or batch % v == 0)
+          and (v == 1 or loss != 'tcel_hard'))
+
+
+def _mix_ok(v: Any, c: Any) -> bool:
+  """An alpha >= 0; mixing (> 0) trains on soft targets: the 'ce' loss only."""
+  return _number_in(0, math.inf, hi_open=True)(v, c) and (
+      v == 0 or _lookup(c, 'train.loss')[1] in (None, 'ce'))
+
+
+def _is_bool(v: Any, c: Any) -> bool:
+  return isinstance(v, bool)
+
+
 def _existing_path_or_empty(v: Any, c: Any) -> bool:
   return isinstance(v, str) and (not v or os.path.exists(os.path.expanduser(v)))
 
@@ -112,12 +131,26 @@ RULES: tuple[Rule, ...] = (
     Rule('model.num_classes', _int_at_least(2), 'an integer >= 2'),
     Rule('init.torchvision', _existing_path_or_empty,
          "'' (random init) or an existing .pth file / converted-weights directory"),
-    Rule('init.allow_partial', lambda v, c: isinstance(v, bool), 'True or False'),
+    Rule('init.allow_partial', _is_bool, 'True or False'),
+    Rule('init.zero_head', _is_bool, 'True or False'),
+    Rule('model.remat', _is_bool, 'True or False'),
     Rule('data.image_size', _int_at_least(16), 'an integer >= 16 (pixels)'),
     Rule('data.eval_resize', _int_at_least(0), "0 (image_size * 256 / 224) or >= image_size"),
     Rule('data.threads', _int_at_least(0), 'an integer >= 0 (0: tf.data AUTOTUNE)'),
     Rule('data.prefetch', _int_at_least(0), 'an integer >= 0'),
     Rule('train.epochs', _int_at_least(1), 'an integer >= 1'),
+    Rule('train.steps', _int_at_least(0), 'an integer >= 0 (0: train.epochs decides)'),
+    Rule('train.checkpoint_every_steps', _int_at_least(0),
+         'an integer >= 0 (0: latest with every validation)'),
+    Rule('train.test_checkpoint', _one_of(TEST_CHECKPOINTS),
+         'best (the best validation accuracy) | final (the last step)'),
+    Rule('train.accum_steps', _accum_ok,
+         'an integer >= 1 that divides train.batch_size (and 1 for train.loss=tcel_hard, '
+         'which mines the whole batch)'),
+    Rule('train.ema_decay', _number_in(0, 1, hi_open=True), 'a number in [0, 1) (0: off)'),
+    Rule('train.mixup', _mix_ok, 'a number >= 0 (0: off); > 0 needs train.loss=ce'),
+    Rule('train.cutmix', _mix_ok, 'a number >= 0 (0: off); > 0 needs train.loss=ce'),
+    Rule('train.mix_switch_prob', _number_in(0, 1), 'a number in [0, 1]'),
     Rule('train.batch_size', _int_at_least(1), 'an integer >= 1 (global batch)'),
     Rule('train.eval_batch_size', _int_at_least(1), 'an integer >= 1 (global batch)'),
     Rule('train.freeze', _freeze_ok,
@@ -150,6 +183,9 @@ RULES: tuple[Rule, ...] = (
          f'comma-separated evaluators including classification, of: '
          f'{", ".join(evaluators.EVALUATORS)}'),
     Rule('evals.knn_k', _int_at_least(1), 'an integer >= 1 (neighbours)'),
+    Rule('evals.every_steps', _int_at_least(0),
+         'an integer >= 0 (steps; 0: after every epoch)'),
+    Rule('optim.layer_decay', _number_in(0, 1, lo_open=True), 'a number in (0, 1] (1: off)'),
     Rule('distributed.num_processes', _int_at_least(1), 'an integer >= 1'),
     Rule('distributed.process_id', _process_id_ok,
          'an integer in [0, distributed.num_processes)'),

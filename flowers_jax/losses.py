@@ -76,14 +76,18 @@ def cdist(a: Array, b: Array) -> Array:
 
 
 def cross_entropy(logits: Array, labels: Array, mask: Array | None = None,
-                  label_smoothing: float = 0.0) -> Array:
-  """Softmax CE of logits [B, C] against int labels [B], mean over mask."""
+                  label_smoothing: float = 0.0, targets: Array | None = None) -> Array:
+  """Softmax CE of logits [B, C] against int labels [B], mean over mask; with soft
+  `targets` [B, C] (mixup / cutmix: smoothing already in them) against those instead."""
   logits = promote(logits)
   num_classes = logits.shape[-1]
   logp = jax.nn.log_softmax(logits)
-  target = jax.nn.one_hot(labels, num_classes, dtype=logits.dtype)
-  if label_smoothing:
-    target = target * (1.0 - label_smoothing) + label_smoothing / num_classes
+  if targets is not None:
+    target = targets.astype(logits.dtype)
+  else:
+    target = jax.nn.one_hot(labels, num_classes, dtype=logits.dtype)
+    if label_smoothing:
+      target = target * (1.0 - label_smoothing) + label_smoothing / num_classes
   per_example = -jnp.sum(target * logp, axis=-1)
   return _weighted_mean(per_example, _weights(mask, logits.shape[0], logits.dtype))
 
@@ -178,7 +182,7 @@ def register(name: str, *, extra_inputs: tuple[str, ...] = (), sampler: str = 'r
 
 def _ce_term(cfg, outputs, batch) -> Array:
   return cross_entropy(outputs['logits'], batch['label'], batch.get('mask'),
-                       float(cfg.label_smoothing))
+                       float(cfg.label_smoothing), batch.get('soft_target'))
 
 
 def _triplet_term(cfg, outputs, batch) -> Array:

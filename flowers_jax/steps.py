@@ -1,5 +1,14 @@
 """The train step: a pure function of (state, batch), the same for every parallel mode.
 
+One call is one microbatch. With `train.accum_steps = N > 1` the optimizer is
+`optax.MultiSteps(tx, N)` (train.py wraps it): N calls add up their gradients in the optimizer
+state and the N-th applies their mean, so a checkpoint between two microbatches resumes
+exactly; BatchNorm normalises each microbatch with its own statistics and updates the
+running ones at every microbatch (torch's accumulation recipe). With `train.ema_decay > 0`
+the state holds an EMA of params and BatchNorm statistics (`ema.py`, timm ModelEmaV3),
+updated after each optimizer update. With `train.mixup` / `train.cutmix` the batch is mixed
+in the step (`mixing.py`, timm's Mixup) and the loss reads the soft targets.
+
 `parallel.py` compiles it with pmap (then `axis_name='batch'` and the step averages gradients
 and adds up metrics over devices) or with jit over a mesh (then `axis_name=None`: the batch is one
 global array and every mean is already global). The eval step is `evaluators.make_eval_step`.
@@ -16,10 +25,12 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from flowers_jax import losses
+from flowers_jax import ema as ema_lib
+from flowers_jax import losses, mixing
 from flowers_jax.parallel import reduce_max, reduce_mean, reduce_sum
 
 PyTree = Any
+MIX_STREAM = 1  # fold_in of the step key that draws mixup / cutmix (dropout uses the key)
 
 
 @flax.struct.dataclass
@@ -30,17 +41,37 @@ class TrainState:
   batch_stats: PyTree
   opt_state: PyTree
   rng: jnp.ndarray  # uint32 [2], raw PRNG key data (checkpoint friendly)
+  ema: PyTree = flax.struct.field(default_factory=dict)  # {'params', 'batch_stats'} or {}
 
   @classmethod
-  def create(cls, variables: dict, tx: optax.GradientTransformation, seed: int) -> 'TrainState':
+  def create(cls, variables: dict, tx: optax.GradientTransformation, seed: int,
+             ema: bool = False) -> 'TrainState':
+    """`step` counts calls of the train step (microbatches); `ema`: keep an EMA copy."""
     params = variables['params']
-    return cls(step=jnp.zeros((), jnp.int32), params=params,
-               batch_stats=variables.get('batch_stats', {}), opt_state=tx.init(params),
-               rng=jax.random.key_data(jax.random.key(seed)))
+    batch_stats = variables.get('batch_stats', {})
+    copy = lambda tree: jax.tree.map(jnp.array, tree)
+    return cls(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
+               opt_state=tx.init(params), rng=jax.random.key_data(jax.random.key(seed)),
+               ema={'params': copy(params), 'batch_stats': copy(batch_stats)} if ema else {})
 
   @property
   def variables(self) -> dict:
     return {'params': self.params, 'batch_stats': self.batch_stats}
+
+  def ema_view(self) -> 'TrainState':
+    """This state with the EMA weights in place of the raw ones (for evaluation)."""
+    return self.replace(params=self.ema['params'], batch_stats=self.ema['batch_stats'])
+
+
+def accumulating(tx: optax.GradientTransformation, accum_steps: int, params: PyTree
+                 ) -> optax.GradientTransformation:
+  """`tx`, or for `accum_steps > 1` `optax.MultiSteps(tx, accum_steps)`: the mean of that many
+  calls' gradients is applied on the last of them, accumulated in the params' dtype (optax's
+  default, float32, would drop a float64 run's precision)."""
+  if accum_steps == 1:
+    return tx
+  dtype = jnp.result_type(*jax.tree.leaves(params))
+  return optax.MultiSteps(tx, every_k_schedule=accum_steps, accumulator_dtype=dtype)
 
 
 def _step_rng(state: TrainState) -> jax.Array:
@@ -96,6 +127,29 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
   """
   loss_name = train_cfg.loss
   extra_inputs = losses.get(loss_name).extra_inputs
+  accum = int(train_cfg.accum_steps)
+  ema_decay = float(train_cfg.ema_decay)
+  mixes = train_cfg.mixup > 0 or train_cfg.cutmix > 0
+
+  def mixed(batch, rng):
+    """The batch with mixed images and `soft_target` [B, C] (timm's Mixup, batch mode)."""
+    num_classes = model.num_classes
+    images, targets = mixing.mix_batch(
+        jax.random.fold_in(rng, MIX_STREAM), batch['image'], batch['label'], num_classes,
+        mixup_alpha=float(train_cfg.mixup), cutmix_alpha=float(train_cfg.cutmix),
+        switch_prob=float(train_cfg.mix_switch_prob),
+        label_smoothing=float(train_cfg.label_smoothing), axis_name=axis_name)
+    return {**batch, 'image': images, 'soft_target': targets}
+
+  def ema_update(state, params, batch_stats):
+    """The EMA after this call: updated when the optimizer updated (every `accum` calls)."""
+    if not state.ema:
+      return state.ema
+    updates = (state.step + 1) // accum  # optimizer updates done after this call
+    decay = ema_lib.decay_at(updates, decay=ema_decay)
+    new = ema_lib.update(state.ema, {'params': params, 'batch_stats': batch_stats}, decay)
+    applied = (state.step + 1) % accum == 0
+    return jax.tree.map(lambda n, o: jnp.where(applied, n, o), new, state.ema)
 
   def loss_fn(params, state, batch, rng):
     images = jnp.concatenate([batch['image']] + [batch[k] for k in extra_inputs], axis=0)
@@ -112,6 +166,8 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
 
   def train_step(state: TrainState, batch: dict):
     rng = _step_rng(state)
+    if mixes:
+      batch = mixed(batch, rng)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     (loss, (aux, new_stats, logits)), grads = grad_fn(state.params, state, batch, rng)
     grads = reduce_mean(grads, axis_name)
@@ -119,7 +175,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
     params = optax.apply_updates(state.params, updates)
     batch_stats = state.batch_stats if new_stats is None else new_stats
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
-                              opt_state=opt_state)
+                              opt_state=opt_state, ema=ema_update(state, params, batch_stats))
     mask = batch['mask']
     metrics = {
         'loss': reduce_mean(loss, axis_name),

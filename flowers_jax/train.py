@@ -1,26 +1,36 @@
-"""The training loop: data -> model -> optimizer -> epochs of train + validation -> test at best.
+"""The training loop: data -> model -> optimizer -> steps of training, validated on a cadence
+-> test of the best (or final) state.
 
-`train_and_evaluate(config, workdir)` is all that `main.py` calls. It reads top-down as four
-steps: `_build` (data, model, optimizer, compiled steps), `_resume` (the loop's state from the
-`latest` checkpoint), per epoch `_train_epoch` then `_validate_and_save`, and `_finish` (test at
-the best checkpoint, results.json). It writes into `workdir`:
+`train_and_evaluate(config, workdir)` is all that `main.py` calls. It reads top-down: `_build`
+(data, model, optimizer, compiled steps), `_resume` (the loop's state from the `latest`
+checkpoint), `_train` (the steps, with `_validate` and `_save_latest` on their cadence), and
+`_finish` (test, results.json). A run is `train.steps` optimizer steps, or `train.epochs` x
+(train images // batch) of them; the input is one stream over the whole run. Validation every
+`evals.every_steps` (0: every epoch's worth of steps) and after the last step; `latest` every
+`train.checkpoint_every_steps` (0: with each validation), written asynchronously. It writes
+into `workdir`:
 
   config.json     the resolved config
   class_names.json  the data set's class names (a JSON list; predict.py reads it)
-  metrics.jsonl   one strict-JSON object per epoch: epoch, train_loss, train_accuracy,
+  metrics.jsonl   one strict-JSON object per validation: step, images_seen, epoch (steps /
+                  steps per epoch), train_loss, train_accuracy (since the previous row),
                   val_<scalar> of every evaluator (`evaluators.py`: val_accuracy, val_loss,
                   val_top5, val_examples; with 'embedding' val_knn_accuracy, val_recall_at_1,
-                  val_recall_at_5), lr (the rate of the epoch's last step), epoch_time_s
-                  (train + validation), images_per_s (training only, without the compile
-                  step's time and images)
-  checkpoints/    orbax: `best` (by val accuracy, its meta the one record of the best epoch)
-                  written before `latest` (every epoch, and on SIGTERM/Ctrl-C)
-  curves.png      train / validation accuracy per epoch
+                  val_recall_at_5; with EMA also val_ema_<scalar>), lr (the rate of the last
+                  step), wall_time_s (since the run began), images_per_s (train steps only,
+                  since the previous row)
+  checkpoints/    orbax: `best` (by val accuracy, its meta the one record of the best step)
+                  written before `latest` (on the cadence, and on SIGTERM/Ctrl-C)
+  curves.png      train / validation accuracy against steps
   confusion_test.npy / .png, per_class_accuracy_test.npy   test arrays of the evaluators
-  results.json    best_epoch, best_val_accuracy, test_<scalar> of every evaluator and
-                  test_per_class_accuracy (of the best checkpoint), wall
-                  time, train images/s (compile step excluded) and, on GPU/TPU, the model-FLOPs
-                  utilisation (`train_mfu`, `flops.py`), compile time, parameter counts
+  results.json    best_step, best_epoch, best_val_accuracy, test_<scalar> of every evaluator
+                  (test_ema_<scalar> with EMA) and test_per_class_accuracy of the tested state
+                  (`train.test_checkpoint`), steps / epochs / images_seen / validations, where
+                  the wall time went (`train_time_s`: train steps, `eval_time_s`,
+                  `checkpoint_wait_s`: the loop blocked by saves, `input_wait_s`: blocked
+                  waiting for a batch, `compile_time_s`; `wall_time_s` all of it), train
+                  images/s (train steps only) and, on GPU/TPU, the model-FLOPs utilisation
+                  (`train_mfu`, `flops.py`), parameter counts
   tensorboard events (clu metric writers)
 
 A run holds its workdir (`workdir_lock.py`): a second run on it stops at once with one line.
@@ -32,6 +42,7 @@ train step's globally reduced metrics, so every process takes it at the same ste
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -53,7 +64,7 @@ RUN_SPLITS = ('train', 'validation', 'test')  # trained on, best epoch chosen on
 MODEL_KEYS = ('name', 'num_classes')  # every other key of config.model is a model option
 DTYPES = {name: jnp.dtype(name) for name in config_checks.DTYPES}  # train.dtype -> compute
 # Config keys whose change makes a checkpoint mean something else: resuming with them refused.
-STATE_DEFINING_KEYS = ('model.', 'train.loss')
+STATE_DEFINING_KEYS = ('model.', 'train.loss', 'train.accum_steps', 'train.ema_decay')
 CLASS_NAMES_FILE = 'class_names.json'  # the data set's class names, for predict.py
 # Keys that differ between the processes of one run, or that naming alone changes.
 NOT_COMPARED_KEYS = ('distributed.', 'variant')
@@ -219,7 +230,13 @@ def _check_config_change(saved: dict | None, config: ml_collections.ConfigDict,
 
 @dataclasses.dataclass
 class Run:
-  """What `_build` makes once: data, strategy, compiled steps, schedule, checkpoints."""
+  """What `_build` makes once: data, strategy, compiled steps, schedule, checkpoints.
+
+  Durations are in optimizer steps: `total_steps` (`train.steps`, or `train.epochs` x
+  `steps_per_epoch`), a validation every `eval_every` and after the last step, `latest` every
+  `checkpoint_every` (with each validation by default). One optimizer step is `accum` calls of
+  the train step on microbatches of `train.batch_size / accum` images.
+  """
   config: ml_collections.ConfigDict
   workdir: str
   ds: Any
@@ -233,55 +250,104 @@ class Run:
   checkpoints: ckpt_lib.Checkpointer | None
   steps_per_epoch: int
   counts: dict
+  total_steps: int = 0
+  eval_every: int = 0
+  checkpoint_every: int = 0
+  accum: int = 1
+
+  def epochs(self, step: int) -> float:
+    """Passes over the train split's steps after `step` optimizer steps (an int when whole)."""
+    e = step / self.steps_per_epoch
+    return int(e) if e == int(e) else round(e, 4)
+
+  def validates(self, step: int) -> bool:
+    return step % self.eval_every == 0 or step == self.total_steps
+
+  def saves_latest(self, step: int) -> bool:
+    if self.checkpoints is None:
+      return False
+    if self.checkpoint_every:
+      return step % self.checkpoint_every == 0 or step == self.total_steps
+    return self.validates(step)
 
 
 class Best:
-  """The best validation accuracy and its epoch. With checkpoints, `best/`'s meta is the one
+  """The best validation accuracy and its step. With checkpoints, `best/`'s meta is the one
   record (read back on resume); without, the best state is kept in memory."""
 
   def __init__(self, checkpoints: ckpt_lib.Checkpointer | None):
     self.checkpoints = checkpoints
     meta = checkpoints.best_meta() if checkpoints is not None else None
-    self.epoch = int(meta['epoch']) if meta else -1
+    self.epoch = meta['epoch'] if meta else -1
+    self.step = int(meta.get('step', -1)) if meta else -1
     self.val_accuracy = float(meta['val_accuracy']) if meta else -math.inf
     self.state = None
 
-  def offer(self, epoch: int, val_accuracy: float, step: int, host_state) -> bool:
+  def offer(self, step: int, epoch: float, val_accuracy: float, ckpt_step: int,
+            host_state) -> bool:
     """Records (and saves) `host_state` if `val_accuracy` beats the best; returns whether."""
     if not val_accuracy > self.val_accuracy:
       return False
-    self.epoch, self.val_accuracy = epoch, val_accuracy
+    self.step, self.epoch, self.val_accuracy = step, epoch, val_accuracy
     if self.checkpoints is None:
       self.state = host_state
     else:
-      self.checkpoints.save_best(step, host_state, {'epoch': epoch,
-                                                    'val_accuracy': val_accuracy})
+      self.checkpoints.save_best(ckpt_step, host_state, {
+          'step': step, 'epoch': epoch, 'val_accuracy': val_accuracy})
     return True
+
+
+# Where a run's wall time goes (results.json `<bucket>_s`); `train_time` is the rest.
+TIME_BUCKETS = ('compile_time', 'eval_time', 'checkpoint_wait', 'input_wait')
 
 
 @dataclasses.dataclass
 class Loop:
   """Where the loop is and what it has measured; `meta()` is what `latest` stores."""
-  epoch: int = 0                  # epochs completed
-  step_in_epoch: int = 0          # steps of the current epoch completed
-  host_step: int = 0              # global step
-  train_sums: list = dataclasses.field(default_factory=list)
+  step: int = 0                   # optimizer steps completed
+  calls: int = 0                  # train-step calls completed (step * accum + microbatches)
+  train_sums: list = dataclasses.field(default_factory=list)  # since the last validation
   history: list = dataclasses.field(default_factory=list)
-  compile_time: float = 0.0
-  train_time: float = 0.0         # seconds of training steps, the compile step excluded
-  train_images: int = 0           # images of those steps
-  epoch_rate: float | None = None  # the last epoch's training images/s (compile step excluded)
+  times: dict = dataclasses.field(
+      default_factory=lambda: dict.fromkeys(TIME_BUCKETS + ('train_time',), 0.0))
+  train_images: int = 0           # images of the timed train steps (compile step excluded)
   earlier_wall_time: float = 0.0  # seconds spent by the processes before a resume
   compiled: bool = False          # this process has compiled (and run) the train step
+  started: float | None = None    # this process's loop start (None: not training)
+  at_start: dict = dataclasses.field(default_factory=dict)  # `times` at `started`
+  row_mark: tuple = (0, 0.0)      # (train_images, train_time) at the last metrics row
 
-  # Carried over a resume, so results.json covers the whole run, not its last process.
-  CUMULATIVE = ('train_time', 'train_images', 'compile_time')
+  def start(self) -> None:
+    self.started, self.at_start = time.time(), dict(self.times)
 
-  def meta(self, config: ml_collections.ConfigDict, wall_time: float) -> dict:
-    return {'epoch': self.epoch, 'step_in_epoch': self.step_in_epoch,
-            'train_sums': list(self.train_sums), 'config': config.to_dict(),
-            'totals': {**{k: getattr(self, k) for k in self.CUMULATIVE},
-                       'wall_time': self.earlier_wall_time + wall_time}}
+  def stop(self) -> None:
+    """Ends `train_time` here (the test and the files after it are not training)."""
+    self.times['train_time'] = self.totals()['train_time']
+    self.started = None
+
+  @contextlib.contextmanager
+  def timing(self, bucket: str):
+    """Adds the time spent in the block to `times[bucket]`."""
+    t = time.time()
+    try:
+      yield
+    finally:
+      self.times[bucket] += time.time() - t
+
+  def totals(self) -> dict:
+    """`times` with `train_time` brought up to now: this process's loop time that no bucket
+    took (the train steps, their metric reads and the host's work between them)."""
+    if self.started is None:
+      return {**self.times, 'train_images': self.train_images}
+    others = sum(self.times[k] - self.at_start.get(k, 0.0) for k in TIME_BUCKETS)
+    train_time = (self.at_start.get('train_time', 0.0) + time.time() - self.started - others)
+    return {**self.times, 'train_time': train_time, 'train_images': self.train_images}
+
+  def meta(self, run: Run, wall_time: float) -> dict:
+    return {'step': self.step, 'calls': self.calls, 'epoch': self.step // run.steps_per_epoch,
+            'step_in_epoch': self.step % run.steps_per_epoch,
+            'train_sums': list(self.train_sums), 'config': run.config.to_dict(),
+            'totals': {**self.totals(), 'wall_time': self.earlier_wall_time + wall_time}}
 
 
 def _check_batch_size(global_batch: int, what: str) -> None:
@@ -320,7 +386,9 @@ def _build(config: ml_collections.ConfigDict, workdir: str) -> tuple[Run, TrainS
   """Data, model, initial state, optimizer and the compiled steps."""
   from flowers_jax import data  # tensorflow only from here on (data imports it safely)
   tc = config.train
-  _check_batch_size(tc.batch_size, 'train.batch_size')
+  _check_batch_size(tc.batch_size // tc.accum_steps,
+                    'train.batch_size / train.accum_steps' if tc.accum_steps > 1
+                    else 'train.batch_size')
   _check_batch_size(tc.eval_batch_size, 'train.eval_batch_size')
   strategy = parallel.make(config.parallel)
   model = create_model(config, bn_axis_name=strategy.axis_name)
@@ -335,11 +403,19 @@ def _build(config: ml_collections.ConfigDict, workdir: str) -> tuple[Run, TrainS
   steps_per_epoch = ds.steps_per_epoch(tc.batch_size)
   if tc.max_steps_per_epoch:
     steps_per_epoch = min(steps_per_epoch, tc.max_steps_per_epoch)
-  total_steps = steps_per_epoch * tc.epochs
+  total_steps = tc.steps or steps_per_epoch * tc.epochs
+  eval_every = config.evals.every_steps or steps_per_epoch
+  micro = (f' ({tc.accum_steps} microbatches of {tc.batch_size // tc.accum_steps})'
+           if tc.accum_steps > 1 else '')
+  log(f'{total_steps} steps of {tc.batch_size} images{micro}'
+      f' = {total_steps / steps_per_epoch:.4g} epochs of {steps_per_epoch} steps'
+      f' ({"train.steps" if tc.steps else "train.epochs"} in force); validation every '
+      f'{eval_every} steps and after the last')
   spec = models.spec(config.model.name)
   tx = optim.make_optimizer(config.optim, variables['params'], total_steps=total_steps,
                             freeze=tc.freeze, head_pattern=spec.head,
                             no_decay=spec.no_weight_decay)
+  tx = steps.accumulating(tx, tc.accum_steps, variables['params'])
   counts = optim.describe(variables['params'],
                           optim.trainable_mask(variables['params'], tc.freeze, spec.head))
   bn_batch = batchnorm_uses_batch_stats(tc)
@@ -350,11 +426,12 @@ def _build(config: ml_collections.ConfigDict, workdir: str) -> tuple[Run, TrainS
   evals = evaluators.get(config.evals.names)
   eval_step = strategy.compile(evaluators.make_eval_step(
       model, evals, config.evals, axis_name=strategy.axis_name), donate_state=False)
-  run = Run(config, workdir, ds, strategy, model, tx, optim.make_schedule(config.optim,
-                                                                          total_steps),
-            train_step, eval_step, evals,
-            ckpt_lib.Checkpointer(workdir) if tc.checkpoint else None, steps_per_epoch, counts)
-  return run, TrainState.create(variables, tx, config.seed)
+  run = Run(config, workdir, ds, strategy, model, tx,
+            optim.make_schedule(config.optim, total_steps), train_step, eval_step, evals,
+            ckpt_lib.Checkpointer(workdir) if tc.checkpoint else None, steps_per_epoch, counts,
+            total_steps=total_steps, eval_every=eval_every,
+            checkpoint_every=tc.checkpoint_every_steps, accum=tc.accum_steps)
+  return run, TrainState.create(variables, tx, config.seed, ema=tc.ema_decay > 0)
 
 
 def _resume(run: Run, state: TrainState) -> tuple[Loop, TrainState]:
@@ -367,18 +444,22 @@ def _resume(run: Run, state: TrainState) -> tuple[Loop, TrainState]:
                                                        run.workdir), say=log)
   if restored is not None:
     state, meta = restored
-    loop.epoch, loop.step_in_epoch = meta['epoch'], meta['step_in_epoch']
     loop.train_sums = meta.get('train_sums', [])
     totals = meta.get('totals', {})
-    for k in Loop.CUMULATIVE:
-      setattr(loop, k, type(getattr(loop, k))(totals.get(k, 0)))
+    for k in loop.times:
+      loop.times[k] = float(totals.get(k, 0.0))
+    loop.train_images = int(totals.get('train_images', 0))
     loop.earlier_wall_time = float(totals.get('wall_time', 0.0))
-    log(f'resumed from step {int(state.step)} (epoch {loop.epoch + 1}, '
-        f'step {loop.step_in_epoch})')
-  loop.host_step = int(state.step)
-  # Rows of epochs the checkpoint has not seen (a kill between the two writes) are dropped.
+    loop.row_mark = (loop.train_images, loop.times['train_time'])
+  loop.calls = int(state.step)
+  loop.step = loop.calls // run.accum
+  if restored is not None:
+    within = loop.calls % run.accum
+    log(f'resumed from step {loop.step} (epoch {run.epochs(loop.step)})'
+        f'{f", microbatch {within} of {run.accum}" if within else ""}')
+  # Rows the checkpoint has not seen (a kill between the two writes) are dropped.
   metrics_path = os.path.join(run.workdir, 'metrics.jsonl')
-  loop.history = [m for m in _read_jsonl(metrics_path) if m['epoch'] <= loop.epoch]
+  loop.history = [m for m in _read_jsonl(metrics_path) if m.get('step', 0) <= loop.step]
   _write_jsonl(metrics_path, loop.history)
   return loop, state
 
@@ -401,129 +482,190 @@ def _checked(metrics: dict, step: int) -> dict:
   return metrics
 
 
-def _save_latest(run: Run, loop: Loop, host_state, t_start: float) -> None:
-  if run.checkpoints is not None:
-    run.checkpoints.save_latest(loop.host_step, host_state,
-                                loop.meta(run.config, time.time() - t_start))
+def _save_latest(run: Run, loop: Loop, state, t_start: float) -> None:
+  """`latest` at this call, written asynchronously: the loop waits only for the previous save
+  and the copy of the state to the host."""
+  if run.checkpoints is None:
+    return
+  with loop.timing('checkpoint_wait'):
+    run.checkpoints.save_latest(loop.calls, run.strategy.get_state(state),
+                                loop.meta(run, time.time() - t_start), wait=False)
 
 
-def _train_epoch(run: Run, loop: Loop, state) -> tuple[Any, Averager, int]:
-  """Runs the steps left in epoch `loop.epoch`; returns (state, averages, stop signal or 0).
+class _Pending:
+  """The metrics of the newest train step, read one step later (reading them then does not
+  stall the device), checked, and added to the running train averages."""
 
-  A step's metrics are read while the next step runs, so checking them costs no overlap. A stop
-  signal travels with the batches (`_with_stop_flag`); the step returns the largest over all
-  hosts, so every process sees it in the same step's metrics and stops after the same step.
+  def __init__(self, loop: Loop):
+    self.loop, self.metrics, self.last = loop, None, None
+    self.avg = Averager(*loop.train_sums)
+    self.signum = 0
+
+  def push(self, metrics, strategy) -> None:
+    """`metrics` of call `loop.calls` (already counted); the previous call's are read."""
+    self.flush(strategy)
+    self.metrics, self.call = metrics, self.loop.calls
+
+  def flush(self, strategy) -> None:
+    if self.metrics is None:
+      return
+    self.last = _checked(strategy.get_metrics(self.metrics), self.call)
+    self.avg.add(self.last)
+    self.signum = self.signum or int(self.last['stop'])
+    self.metrics = None
+    self.loop.train_sums = self.avg.sums()
+
+
+def _train(run: Run, loop: Loop, state, best: Best, writer, t_start: float):
+  """Runs the steps left, validating and saving on the run's cadence; returns the state.
+
+  The input is one stream for the whole run (`Dataset.train_stream`, microbatches of
+  `batch_size / accum` rows), started at this call. A stop signal travels with the batches
+  (`_with_stop_flag`); the step returns the largest over all hosts, so every process sees it
+  in the same step's metrics and stops after the same call.
   """
   tc, strategy = run.config.train, run.strategy
-  epoch, first = loop.epoch, loop.step_in_epoch
-  avg = Averager(*loop.train_sums) if first else Averager()
-  batches = parallel.prefetch_to_device(_with_stop_flag(run.ds.train_batches(
-      tc.batch_size, epoch, start_step=first, sampler=losses.get(tc.loss).sampler, pk_k=tc.pk_k)),
-      strategy)
-  pending, signum, compiled_here = None, 0, 0.0
-  t_start = time.time()
-  for step_in_epoch in range(first, run.steps_per_epoch):
+  stream = run.ds.train_stream(tc.batch_size // run.accum, start_step=loop.calls,
+                               sampler=losses.get(tc.loss).sampler, pk_k=tc.pk_k)
+  batches = parallel.prefetch_to_device(_with_stop_flag(stream), strategy)
+  pending = _Pending(loop)
+  progress = Progress(run, loop)
+  micro_images = tc.batch_size // run.accum
+  while loop.step < run.total_steps:
+    with loop.timing('input_wait'):
+      batch = next(batches)
     t0 = time.time()
-    state, metrics = run.train_step(state, next(batches))
+    state, metrics = run.train_step(state, batch)
     if not loop.compiled:  # the first call compiles (not AOT: multi-process pmap can't)
       jax.block_until_ready(metrics)
-      compiled_here = time.time() - t0
-      loop.compile_time += compiled_here
+      loop.times['compile_time'] += time.time() - t0
       loop.compiled = True
-      log(f'compiled and ran the first train step in {compiled_here:.1f}s')
-    loop.host_step += 1
-    if pending is not None:  # the previous step's metrics: reading them does not stall
-      last = _checked(strategy.get_metrics(pending), loop.host_step - 1)
-      avg.add(last)
-      signum = int(last['stop'])
-      if (step_in_epoch + 1) % tc.log_every == 0:
-        # The rate and ETA leave the compile step out (its time and its images).
-        timed = step_in_epoch + 1 - first - (1 if compiled_here else 0)
-        _log_progress(run, loop, step_in_epoch, last, timed,
-                      time.time() - t_start - compiled_here)
-    pending = metrics
-    loop.step_in_epoch = step_in_epoch + 1
-    if signum:
-      break
-  if pending is not None:
-    last = _checked(strategy.get_metrics(pending), loop.host_step)
-    avg.add(last)
-    signum = signum or int(last['stop'])
-  steps_run = loop.step_in_epoch - first
-  images = (steps_run - (1 if compiled_here else 0)) * tc.batch_size
-  seconds = time.time() - t_start - compiled_here
-  loop.train_time += seconds
-  loop.train_images += images
-  loop.train_sums = avg.sums()
-  loop.epoch_rate = images / seconds if images > 0 and seconds > 0 else None
-  return state, avg, signum
+      log(f'compiled and ran the first train step in {time.time() - t0:.1f}s')
+    else:
+      loop.train_images += micro_images
+    loop.calls += 1
+    pending.push(metrics, strategy)
+    boundary = loop.calls % run.accum == 0
+    if boundary:
+      loop.step += 1
+      if not run.validates(loop.step):  # a validation says more
+        progress.step(pending.last)
+    validate = boundary and run.validates(loop.step)
+    save = boundary and run.saves_latest(loop.step)
+    if validate or save or pending.signum:
+      pending.flush(strategy)
+    if validate:
+      _validate(run, loop, state, pending, best, writer, t_start)
+    if save or pending.signum:
+      _save_latest(run, loop, state, t_start)
+    if pending.signum:
+      _exit_on_signal(run, loop, pending.signum)
+  pending.flush(strategy)
+  loop.stop()
+  return state
 
 
-def _log_progress(run: Run, loop: Loop, step_in_epoch: int, last: dict, timed_steps: int,
-                  seconds: float) -> None:
-  """One progress line; img/s and the ETA from `timed_steps` steps in `seconds` (the compile
-  step left out), none before the first such step."""
-  tc = run.config.train
-  where = (f'epoch {loop.epoch + 1}/{tc.epochs} step {step_in_epoch + 1}/{run.steps_per_epoch} '
-           f'loss {float(last["loss"]):.4f}')
-  if timed_steps <= 0 or seconds <= 0:
-    log(where)
-    return
-  rate = timed_steps * tc.batch_size / seconds
-  left = (tc.epochs - loop.epoch) * run.steps_per_epoch - step_in_epoch - 1
-  log(f'{where} {rate:.1f} img/s ETA {_hms(left * tc.batch_size / rate)}')
+class Progress:
+  """A progress line every `train.log_every` steps: loss, images/s and the ETA, from the
+  train-step time alone (`Loop.totals`: compile, validation, saves and input waits left out)."""
+
+  def __init__(self, run: Run, loop: Loop):
+    self.run, self.loop = run, loop
+
+  def step(self, last: dict | None) -> None:
+    run, loop = self.run, self.loop
+    if loop.step % run.config.train.log_every or last is None:
+      return
+    where = (f'step {loop.step}/{run.total_steps} (epoch {run.epochs(loop.step)}) '
+             f'loss {float(last["loss"]):.4f}')
+    totals = loop.totals()
+    rate = _rate(loop.train_images, totals['train_time'])
+    if rate is None:
+      log(where)
+      return
+    left = (run.total_steps - loop.step) * run.config.train.batch_size
+    log(f'{where} {rate:.1f} img/s ETA {_hms(left / rate)}')
 
 
-def _validate_and_save(run: Run, loop: Loop, state, avg: Averager, best: Best,
-                       t_epoch: float, writer, t_start: float) -> None:
-  """Validation, the epoch's metrics row, then `best` (if improved) and `latest`, in that order."""
-  tc = run.config.train
-  val = evaluate(run, state, 'validation').scalars
+def _rate(images: int, seconds: float) -> float | None:
+  return images / seconds if images > 0 and seconds > 0 else None
+
+
+def _validate(run: Run, loop: Loop, state, pending: _Pending, best: Best, writer,
+              t_start: float) -> None:
+  """Validation (of the EMA weights too), the metrics row, then `best` if improved."""
+  with loop.timing('eval_time'):
+    val = evaluate(run, state, 'validation').scalars
+    ema = evaluate(run, state.ema_view(), 'validation').scalars if state.ema else {}
   if not math.isfinite(val['loss']):
     raise NonFiniteLossError(
-        f'non-finite validation loss ({val["loss"]}) after epoch {loop.epoch + 1}; the run '
+        f'non-finite validation loss ({val["loss"]}) after step {loop.step}; the run '
         'stopped without saving it and the last good checkpoint is kept')
-  epoch = loop.epoch + 1
-  row = {'epoch': epoch, **avg.result(), **{f'val_{k}': v for k, v in val.items()},
-         'lr': float(run.schedule(loop.host_step - 1)),
-         'epoch_time_s': time.time() - t_epoch, 'images_per_s': loop.epoch_rate}
-  host_state = run.strategy.get_state(state)
-  improved = best.offer(epoch, val['accuracy'], loop.host_step, host_state)
-  loop.epoch, loop.step_in_epoch, loop.train_sums = epoch, 0, []
-  _save_latest(run, loop, host_state, t_start)
+  epoch = run.epochs(loop.step)
+  totals = loop.totals()
+  since = (loop.train_images - loop.row_mark[0], totals['train_time'] - loop.row_mark[1])
+  loop.row_mark = (loop.train_images, totals['train_time'])
+  row = {'step': loop.step, 'images_seen': loop.step * run.config.train.batch_size,
+         'epoch': epoch, **pending.avg.result(), **{f'val_{k}': v for k, v in val.items()},
+         **{f'val_ema_{k}': v for k, v in ema.items()},
+         'lr': float(run.schedule(loop.step - 1)),
+         'wall_time_s': loop.earlier_wall_time + time.time() - t_start,
+         'images_per_s': _rate(*since)}
+  with loop.timing('checkpoint_wait'):
+    improved = best.offer(loop.step, epoch, val['accuracy'], loop.calls,
+                          run.strategy.get_state(state))
+  pending.avg = Averager()
+  loop.train_sums = []
   loop.history.append(row)
   _write_jsonl(os.path.join(run.workdir, 'metrics.jsonl'), loop.history)
-  writer.write_scalars(epoch, {k: v for k, v in _strict_json(row).items()
-                               if k != 'epoch' and v is not None})
+  writer.write_scalars(loop.step, {k: v for k, v in _strict_json(row).items()
+                                   if k != 'step' and v is not None})
   writer.flush()
   knn = f' val_knn_acc {val["knn_accuracy"]:.4f}' if 'knn_accuracy' in val else ''
-  log(f'epoch {epoch}/{tc.epochs}: train_loss {row["train_loss"]:.4f} '
+  ema_acc = f' val_ema_acc {ema["accuracy"]:.4f}' if ema else ''
+  log(f'step {loop.step}/{run.total_steps} (epoch {epoch}): train_loss {row["train_loss"]:.4f} '
       f'train_acc {row["train_accuracy"]:.4f} val_loss {val["loss"]:.4f} '
-      f'val_acc {val["accuracy"]:.4f}{knn}{"  (best)" if improved else ""}')
+      f'val_acc {val["accuracy"]:.4f}{knn}{ema_acc}{"  (best)" if improved else ""}')
+
+
+def _tested_state(run: Run, state, best: Best):
+  """The host state `train.test_checkpoint` names: 'best' (by validation) or 'final'."""
+  final = run.strategy.get_state(state)
+  if run.config.train.test_checkpoint == 'final':
+    return final
+  if run.checkpoints is not None:
+    restored = run.checkpoints.restore_best(final)
+    return restored[0] if restored is not None else final
+  return best.state if best.state is not None else final
 
 
 def _finish(run: Run, loop: Loop, state, best: Best, t_start: float) -> dict:
-  """Test accuracy of the best state; results.json and curves.png."""
+  """Test accuracy of the tested state (and its EMA); results.json and curves.png."""
   from flowers_jax import plots
   config, strategy = run.config, run.strategy
-  best_state = best.state
   if run.checkpoints is not None:
-    restored = run.checkpoints.restore_best(strategy.get_state(state))
-    best_state = restored[0] if restored is not None else None
-  if best_state is None:
-    best_state = strategy.get_state(state)
-  test = evaluate(run, strategy.put_state(best_state), 'test')
+    with loop.timing('checkpoint_wait'):
+      run.checkpoints.wait()
+  tested = strategy.put_state(_tested_state(run, state, best))
+  with loop.timing('eval_time'):
+    test = evaluate(run, tested, 'test')
+    ema = evaluate(run, tested.ema_view(), 'test').scalars if tested.ema else {}
+  totals = loop.totals()
+  tested_step = best.step if config.train.test_checkpoint == 'best' else loop.step
   results = {
       'model': config.model.name, 'variant': config.variant,
-      'best_epoch': best.epoch, 'best_val_accuracy': best.val_accuracy,
+      'test_checkpoint': config.train.test_checkpoint, 'tested_step': tested_step,
+      'best_step': best.step, 'best_epoch': best.epoch, 'best_val_accuracy': best.val_accuracy,
       **{f'test_{k}': v for k, v in test.scalars.items()},
+      **{f'test_ema_{k}': v for k, v in ema.items()},
       'test_per_class_accuracy': dict(zip(run.ds.class_names,
                                            test.arrays['per_class_accuracy'].tolist())),
-      'epochs': config.train.epochs,
+      'steps': run.total_steps, 'epochs': run.epochs(run.total_steps),
+      'images_seen': run.total_steps * config.train.batch_size,
+      'validations': len(loop.history),
       'wall_time_s': loop.earlier_wall_time + time.time() - t_start,
-      'compile_time_s': loop.compile_time,
-      'train_images_per_s': (loop.train_images / loop.train_time
-                             if loop.train_images > 0 and loop.train_time > 0 else None),
+      **{f'{k}_s': totals[k] for k in TIME_BUCKETS + ('train_time',)},
+      'train_images_per_s': _rate(loop.train_images, totals['train_time']),
       'devices': jax.device_count(), 'parallel': config.parallel, **run.counts,
   }
   results['train_mfu'] = _mfu(config, results['train_images_per_s'])
@@ -535,8 +677,8 @@ def _finish(run: Run, loop: Loop, state, best: Best, t_start: float) -> dict:
     plots.plot_curves(loop.history, os.path.join(run.workdir, 'curves.png'), title=title)
     plots.plot_confusion(test.arrays['confusion'], run.ds.class_names,
                          os.path.join(run.workdir, 'confusion_test.png'), title=title)
-  log(f'test accuracy (best epoch {best.epoch}): {test.scalars["accuracy"]:.4f}; '
-      f'results in {os.path.join(run.workdir, "results.json")}')
+  log(f'test accuracy ({config.train.test_checkpoint} state, step {tested_step}): '
+      f'{test.scalars["accuracy"]:.4f}; results in {os.path.join(run.workdir, "results.json")}')
   return results
 
 
@@ -566,15 +708,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, t_start
   state = run.strategy.put_state(state)
   ckpt_lib.install_signal_handlers()
   writer = _metric_writer(workdir)
-  while loop.epoch < config.train.epochs:
-    t_epoch = time.time()
-    state, avg, signum = _train_epoch(run, loop, state)
-    if loop.step_in_epoch < run.steps_per_epoch:  # stopped mid-epoch
-      _save_latest(run, loop, run.strategy.get_state(state), t_start)
-      _exit_on_signal(loop, signum)
-    _validate_and_save(run, loop, state, avg, best, t_epoch, writer, t_start)
-    if signum:
-      _exit_on_signal(loop, signum)
+  loop.start()
+  state = _train(run, loop, state, best, writer, t_start)
   return _finish(run, loop, state, best, t_start)
 
 
@@ -591,9 +726,13 @@ def _mfu(config: ml_collections.ConfigDict, images_per_s: float | None) -> float
                    jax.devices()[0].device_kind, config.train.dtype)
 
 
-def _exit_on_signal(loop: Loop, signum: int) -> None:
-  where = (f'after epoch {loop.epoch}' if loop.step_in_epoch == 0 else
-           f'at epoch {loop.epoch + 1}, step {loop.step_in_epoch}')
+def _exit_on_signal(run: Run, loop: Loop, signum: int) -> None:
+  if run.checkpoints is not None:
+    with loop.timing('checkpoint_wait'):
+      run.checkpoints.wait()
+  within = loop.calls % run.accum
+  where = (f'at step {loop.step} (epoch {run.epochs(loop.step)})'
+           f'{f", microbatch {within} of {run.accum}" if within else ""}')
   log(f'interrupted: saved a checkpoint {where}; run the same command again to resume')
   raise SystemExit(128 + signum)
 

@@ -23,8 +23,8 @@ from tree_util import flat
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_CLASSES, IMAGE_SIZE, BATCH = 4, 16, 8
-TIMING_KEYS = {'epoch_time_s', 'images_per_s', 'wall_time_s', 'compile_time_s',
-               'train_images_per_s'}
+TIMING_KEYS = {'images_per_s', 'wall_time_s', 'compile_time_s', 'train_time_s', 'eval_time_s',
+               'checkpoint_wait_s', 'input_wait_s', 'train_images_per_s'}
 STEPS_PER_EPOCH = 3  # 24 train images / 8
 # Scripted validation accuracy by global step (3 steps per epoch): epoch 1 is the best one, so
 # "test at the best checkpoint" is a different state from the final one.
@@ -315,17 +315,29 @@ def test_too_little_disk_stops_before_the_first_step(data_dir, tmp_path, monkeyp
   assert not (workdir / 'config.json').exists()
 
 
-def test_progress_rate_and_eta_leave_the_compile_step_out(data_dir, tmp_path, capsys):
+def test_progress_rate_and_eta_leave_the_compile_step_out(data_dir, tmp_path, capsys,
+                                                          monkeypatch):
   """The first progress line of `make demo` said 6.5 img/s and ETA 0:05:29 for 15 s of
-  training: the compile step's time was in the rate. With it counted, the first line's rate
-  (2 steps of BATCH images in compile + one step) is below 2 * BATCH / compile seconds."""
-  config = make_config(data_dir, **{'train.epochs': 1, 'train.checkpoint': False})
-  train.train_and_evaluate(config, str(tmp_path / 'progress'))
+  training: the compile step's time was in the rate. The rate is the timed steps' images over
+  `Loop.totals()['train_time']`, which leaves compile, input, eval and save time out. The test
+  checks what is counted, not how fast it ran (a bound on the measured rate failed once on a
+  busy CI machine)."""
+  seen = []
+  real_log_rate = train._rate
+  monkeypatch.setattr(train, '_rate', lambda images, seconds: seen.append(
+      (images, seconds)) or real_log_rate(images, seconds))
+  config = make_config(data_dir, **{'train.epochs': 1, 'train.checkpoint': False,
+                                    'train.log_every': 1})
+  results = train.train_and_evaluate(config, str(tmp_path / 'progress'))
   out = capsys.readouterr().out
-  compile_s = float(re.search(r'compiled and ran the first train step in ([\d.]+)s', out)[1])
-  rates = [float(r) for r in re.findall(r'step \d+/3 loss [\d.]+ ([\d.]+) img/s ETA', out)]
-  assert len(rates) == 2, out
-  assert rates[0] > 2 * BATCH / max(compile_s, 0.05), (rates, compile_s)
+  lines = re.findall(r'step (\d)/3 \(epoch [\d.]+\) loss [\d.]+( [\d.]+ img/s ETA)?', out)
+  # Step 1's metrics are read at step 2; step 3 validates instead of a progress line.
+  assert [int(step) for step, _ in lines] == [2], out
+  # The first progress rate counts one step (step 2) of BATCH images: step 1 compiled.
+  assert seen[0][0] == BATCH, seen
+  assert results['train_images_per_s'] == pytest.approx(
+      2 * BATCH / results['train_time_s'])
+  assert results['train_time_s'] + results['compile_time_s'] < results['wall_time_s']
 
 
 def test_a_class_absent_from_validation_or_test_is_said_and_from_train_refused(capsys):
@@ -369,11 +381,11 @@ def test_kill_between_best_and_latest_writes_keeps_one_truth(data_dir, tmp_path,
   workdir = str(tmp_path / 'killed')
   real_save, calls = checkpoint.Checkpointer._save, []
 
-  def dying_save(mgr, step, state, meta):
+  def dying_save(self, mgr, step, state, meta, wait=True):
     calls.append(1)
     if len(calls) == kill_at_save:
       raise SystemExit(137)
-    return real_save(mgr, step, state, meta)
+    return real_save(self, mgr, step, state, meta, wait)
 
   def scripted(run, state, split):
     out = REAL_EVALUATE(run, state, split)
@@ -387,7 +399,7 @@ def test_kill_between_best_and_latest_writes_keeps_one_truth(data_dir, tmp_path,
   with pytest.MonkeyPatch.context() as mp:
     mp.setattr(train, 'evaluate', scripted)
     with mp.context() as dying:
-      dying.setattr(checkpoint.Checkpointer, '_save', staticmethod(dying_save))
+      dying.setattr(checkpoint.Checkpointer, '_save', dying_save)
       with pytest.raises(SystemExit):
         train.train_and_evaluate(config, workdir)
     results = train.train_and_evaluate(config, workdir)

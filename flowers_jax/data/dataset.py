@@ -165,6 +165,23 @@ class Dataset:
                                       global_batch, self.process_index * b, start_step)
     return pipeline.iterate(ds, store.split, plan)
 
+  def train_stream(self, global_batch: int, start_step: int = 0, sampler: str = 'random',
+                   pk_k: int = 4) -> Iterator[dict]:
+    """Host batches ``start_step, start_step + 1, ...`` of the endless train stream
+    (``samplers.stream``: passes over the split back to back, nothing dropped; batch ``s``
+    is a pure function of ``(seed, s)``, so a resume at ``start_step=s`` is exact)."""
+    labels = self.split('train').labels
+    kwargs = dict(start_step=start_step, k=pk_k)
+    first = next(samplers.stream(sampler, labels, global_batch, self.seed, **kwargs))
+    rows = lambda batch: samplers.host_rows({k: v[None] for k, v in batch.items()},
+                                            self.process_index, self.process_count)
+    host = ({k: v[0] for k, v in rows(batch).items()}
+            for batch in samplers.stream(sampler, labels, global_batch, self.seed, **kwargs))
+    store = self._store('train')
+    b = global_batch // self.process_count
+    ds = pipeline.train_stream_dataset(store, host, tuple(first), self.config, self.seed, b)
+    return pipeline.iterate(ds, store.split, None)
+
   def eval_batches(self, split: str, global_batch: int) -> Iterator[dict]:
     """All examples of ``split`` once, in order; the last batch padded with mask 0."""
     n = len(self.split(split))

@@ -3,8 +3,9 @@
 The plan (``samplers``) fixes which split position fills each row; tf.data only
 loads, augments, batches and prefetches, in order (``deterministic=True``).
 Every random choice of an example is a stateless function of
-``example_seed = fold_in(fold_in([seed, epoch], position), part)``, ``position =
-step * G + row`` its place in the epoch's global order and ``part`` 0, 1, 2 for a
+``example_seed = fold_in(fold_in([seed, pass], position), part)``, ``position`` its
+place in the pass's global order (``step * G + row`` for epoch plans; the epoch is the
+pass) and ``part`` 0, 1, 2 for a
 triplet's anchor, positive and negative, so any step can be recomputed alone. The
 images go through ``config.data.pp_train`` / ``pp_eval`` (``pp``: ops on uint8
 [H, W, 3], random ones seeded from ``example_seed``), then ``transforms.normalize``.
@@ -141,6 +142,30 @@ def _options(threads: int):
   return options
 
 
+def _train_example(store: ImageStore, cfg, seed: int, parts: dict):
+  """The map of one train element (positions, ``pass``, ``position``) to its example."""
+  tf = import_tf()
+  labels = store.split.labels
+  augment = pp.from_config(cfg, 'pp_train')
+
+  def load(ex):
+    base = tf.stack([tf.constant(seed, tf.int64), ex['pass']])
+    out = {'label': tf.gather(labels, ex['index']),
+           'mask': tf.constant(1.0, tf.float32)}
+    for part, (key, src) in enumerate(parts.items()):
+      seed_i = example_seed(base, ex['position'], part)
+      out[key] = transforms.normalize(augment(store.full(ex[src]), seed_i))
+    if 'negative' in ex:
+      out['negative_label'] = tf.gather(labels, ex['negative'])
+    return out
+
+  return graph_fn(load)
+
+
+def _parts(keys) -> dict:
+  return {k: v for k, v in TRIPLET_PARTS.items() if v in keys}
+
+
 def train_dataset(store: ImageStore, host_plan: dict, cfg, seed: int, epoch: int,
                   global_batch: int, row_offset: int, start_step: int):
   """tf.data of host batches for steps ``start_step..`` of ``host_plan``.
@@ -154,28 +179,28 @@ def train_dataset(store: ImageStore, host_plan: dict, cfg, seed: int, epoch: int
   steps, b = plan['index'].shape
   rows = (np.arange(start_step, start_step + steps)[:, None] * global_batch
           + row_offset + np.arange(b)[None, :])
-  labels = store.split.labels
   elements = {k: v.reshape(-1).astype(np.int64) for k, v in plan.items()}
   elements['position'] = rows.reshape(-1).astype(np.int64)
-  base = tf.constant([seed, epoch], tf.int64)
-  augment = pp.from_config(cfg, 'pp_train')
-  parts = {k: v for k, v in TRIPLET_PARTS.items() if v in elements}
-
-  def load(ex):
-    out = {'label': tf.gather(labels, ex['index']),
-           'mask': tf.constant(1.0, tf.float32)}
-    for part, (key, src) in enumerate(parts.items()):
-      seed_i = example_seed(base, ex['position'], part)
-      out[key] = transforms.normalize(augment(store.full(ex[src]), seed_i))
-    if 'negative' in ex:
-      out['negative_label'] = tf.gather(labels, ex['negative'])
-    return out
-
+  elements['pass'] = np.full_like(elements['position'], epoch)
   threads = cfg.threads or AUTOTUNE
   ds = tf.data.Dataset.from_tensor_slices(elements)
-  ds = ds.map(graph_fn(load), num_parallel_calls=threads, deterministic=True)
+  ds = ds.map(_train_example(store, cfg, seed, _parts(elements)), num_parallel_calls=threads,
+              deterministic=True)
   ds = ds.batch(b, drop_remainder=True).prefetch(cfg.prefetch or AUTOTUNE)
   return ds.with_options(_options(cfg.threads)), plan
+
+
+def train_stream_dataset(store: ImageStore, host_batches, keys, cfg, seed: int, b: int):
+  """tf.data of the endless train stream: ``host_batches`` yields this host's rows of each
+  global batch (``samplers.stream`` cut by ``host_rows``: int64 arrays [b] under ``keys``).
+  One iterator for the whole run: no rebuild and no cold batch at a pass boundary."""
+  tf = import_tf()
+  spec = {k: tf.TensorSpec([b], tf.int64) for k in keys}
+  ds = tf.data.Dataset.from_generator(lambda: host_batches, output_signature=spec)
+  ds = ds.unbatch().map(_train_example(store, cfg, seed, _parts(keys)),
+                        num_parallel_calls=cfg.threads or AUTOTUNE, deterministic=True)
+  ds = ds.batch(b, drop_remainder=True).prefetch(cfg.prefetch or AUTOTUNE)
+  return ds.with_options(_options(cfg.threads))
 
 
 def eval_dataset(store: ImageStore, host_plan: dict, cfg, cache: bool):
@@ -200,8 +225,9 @@ def eval_dataset(store: ImageStore, host_plan: dict, cfg, cache: bool):
   return ds.with_options(_options(cfg.threads))
 
 
-def iterate(ds, split: sources.Split, plan: dict) -> Iterator[dict]:
-  """Yields numpy batches; a decode error names the corrupt file of its step."""
+def iterate(ds, split: sources.Split, plan: dict | None) -> Iterator[dict]:
+  """Yields numpy batches; a decode error names the corrupt file of its step (of any
+  position of the split when there is no plan: the endless stream)."""
   tf = import_tf()
   it = ds.as_numpy_iterator()
   step = 0
@@ -211,8 +237,11 @@ def iterate(ds, split: sources.Split, plan: dict) -> Iterator[dict]:
     except StopIteration:
       return
     except tf.errors.OpError as e:
-      window = [v[step:step + 2] for v in plan.values() if v.dtype.kind == 'i']
-      found = find_corrupt(split, np.concatenate([w.ravel() for w in window]))
+      if plan is None:
+        found = find_corrupt(split, np.arange(len(split)))
+      else:
+        window = [v[step:step + 2] for v in plan.values() if v.dtype.kind == 'i']
+        found = find_corrupt(split, np.concatenate([w.ravel() for w in window]))
       if found is None:
         logging.error('Input pipeline failed at step %d and no single corrupt image of'
                       ' that step was found.', step)

@@ -7,11 +7,17 @@ functions of ``(labels, global_batch, seed, epoch)``: the anchor order comes fro
 their own, so the ``random`` and ``triplet`` samplers see the same anchors.
 Train plans drop the remainder; ``eval_plan`` pads the last batch (``mask`` 0).
 ``host_rows`` cuts a global plan into the rows of one host.
+
+The training loop reads one continuous ``stream``: pass ``p`` over the split is the
+sampler's order for ``epoch=p`` taken whole (``pass_order``: the permutation of all n
+examples for 'random' and 'triplet', P x K batches for 'pk'), the passes follow each
+other, and the stream is cut into global batches across pass boundaries: nothing is
+dropped, and step ``s`` of the stream is a pure function of ``(seed, s)``.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -59,8 +65,12 @@ def triplet_plan(labels: np.ndarray, global_batch: int, seed: int, epoch: int) -
   labels = np.asarray(labels)
   if len(np.unique(labels)) < 2:
     raise ValueError('The triplet sampler needs at least 2 classes in the train split.')
-  plan = random_plan(labels, global_batch, seed, epoch)
-  anchor = plan['index']
+  anchor = random_plan(labels, global_batch, seed, epoch)['index']
+  return {'index': anchor, **_partners(labels, anchor, seed, epoch)}
+
+
+def _partners(labels: np.ndarray, anchor: np.ndarray, seed: int, epoch: int) -> dict:
+  """A random positive and negative (positions, shaped like ``anchor``) for each anchor."""
   by_class, starts, counts = _class_blocks(labels)
   rank = np.empty(len(labels), np.int64)  # position of each example in by_class
   rank[by_class] = np.arange(len(labels))
@@ -75,7 +85,7 @@ def triplet_plan(labels: np.ndarray, global_batch: int, seed: int, epoch: int) -
   # Negative: draw among the N - n_c others, skip over the anchor's class block.
   r = np.floor(rng.random(anchor.shape) * (len(labels) - n_c)).astype(np.int64)
   negative = by_class[r + np.where(r >= start, n_c, 0)]
-  return {'index': anchor, 'positive': positive, 'negative': negative}
+  return {'positive': positive, 'negative': negative}
 
 
 def pk_plan(labels: np.ndarray, global_batch: int, seed: int, epoch: int, k: int = 4) -> dict:
@@ -126,6 +136,57 @@ def host_rows(plan: dict, process_index: int, process_count: int) -> dict:
                      f' {process_count} processes.')
   b = global_batch // process_count
   return {k: v[:, process_index * b:(process_index + 1) * b] for k, v in plan.items()}
+
+
+def pass_order(sampler: str, labels: np.ndarray, global_batch: int, seed: int, pass_: int,
+               k: int = 4) -> dict:
+  """Pass ``pass_`` of the stream: flat int arrays [L] of positions (``index``, and the
+  triplet sampler's ``positive`` / ``negative``); L is the same for every pass."""
+  labels = np.asarray(labels)
+  if sampler == 'pk':
+    return {'index': pk_plan(labels, global_batch, seed, pass_, k)['index'].reshape(-1)}
+  num_steps(len(labels), global_batch)  # at least one batch
+  order = {'index': epoch_rng(seed, pass_).permutation(len(labels))}
+  if sampler == 'triplet':
+    if len(np.unique(labels)) < 2:
+      raise ValueError('The triplet sampler needs at least 2 classes in the train split.')
+    order.update(_partners(labels, order['index'], seed, pass_))
+  return order
+
+
+def stream(sampler: str, labels: np.ndarray, global_batch: int, seed: int,
+           start_step: int = 0, k: int = 4) -> Iterator[dict]:
+  """Global batches ``start_step, start_step + 1, ...`` of the endless train stream.
+
+  Yields dicts of int64 arrays [global_batch]: the ``pass_order`` keys, ``pass`` (the pass
+  each row comes from) and ``position`` (its place in that pass; with ``pass`` it seeds the
+  row's augmentation).
+  """
+  if sampler not in SAMPLERS:
+    raise ValueError(f'Unknown sampler {sampler!r}; valid: {sorted(SAMPLERS)}.')
+  if start_step < 0:
+    raise ValueError(f'start_step must be >= 0, got {start_step}')
+  length = len(pass_order(sampler, labels, global_batch, seed, 0, k)['index'])
+  pass_, offset = divmod(start_step * global_batch, length)
+  pending: list[dict] = []
+  have = 0
+  while True:
+    order = pass_order(sampler, labels, global_batch, seed, pass_, k)
+    part = {key: v[offset:] for key, v in order.items()}
+    part['pass'] = np.full(length - offset, pass_, np.int64)
+    part['position'] = np.arange(offset, length, dtype=np.int64)
+    pending.append(part)
+    have += length - offset
+    pass_, offset = pass_ + 1, 0
+    if have < global_batch:
+      continue
+    joined = {key: np.concatenate([p[key] for p in pending]).astype(np.int64)
+              for key in pending[0]}
+    whole = have // global_batch * global_batch
+    for i in range(0, whole, global_batch):
+      yield {key: v[i:i + global_batch] for key, v in joined.items()}
+    pending = [{key: v[whole:] for key, v in joined.items()}]
+    have -= whole
 
 
 SAMPLERS: dict[str, Callable[..., dict]] = {
