@@ -23,12 +23,13 @@ strong: BiT-HyperRule (Kolesnikov et al. 2020, "Big Transfer", arXiv:1912.11370,
 google-research/big_transfer bit_hyperrule.py: < 20k examples -> 500 steps, warmup 100, lr / 10 at
 steps 200, 300, 400; batch 512; SGD momentum 0.9, lr 0.003; no weight decay; inception crop + flip)
 with big_vision's Flowers transfer settings (big_vision/configs/transfer.py: grad clip 1.0, wd
-None). Batch 512 = 1 step per epoch of 1020 images, so 500 epochs = 500 steps; bfloat16 compute.
+None). `train.steps=500` of batch 512 (~251 passes over 1020 images), validation every 100 steps
+(big_vision's `log_steps=100`), the head zero-initialised (BiT, big_vision); bfloat16 compute.
 Resolution: 224, not BiT's larger 480 crop: EfficientNet-B0's activations at batch 512 take ~80 GB
 at 224 px but ~180 GB at 384 px (XLA's buffer sizes of the bfloat16 train step, measured on CPU; a
-GPU usually needs less). Not expressible with today's keys: BiT's zero-initialised head and
-evaluating less often than every epoch (500 validation passes). On a GPU with less memory, halve
-train.batch_size and optim.lr together (linear scaling).
+GPU usually needs less). On a GPU with less memory, keep the
+batch and set `--config.train.accum_steps=2` (or 4): the same update in microbatches (BatchNorm
+normalises each microbatch, as torch's accumulation does).
 """
 
 from flowers_jax.config import base_config, select_variant
@@ -41,7 +42,8 @@ VARIANTS = {
     'finetune': {},
     'eca': {'model.attention': 'eca'},
     'eca_spatial': {'model.attention': 'eca_spatial'},
-    'strong': {'train.batch_size': 512, 'train.eval_batch_size': 256, 'train.epochs': 500,
+    'strong': {'train.batch_size': 512, 'train.eval_batch_size': 256, 'train.steps': 500,
+               'evals.every_steps': 100, 'init.zero_head': True,
                'train.dtype': 'bfloat16', 'optim.name': 'sgd', 'optim.momentum': 0.9,
                'optim.lr': 0.003, 'optim.weight_decay': 0.0, 'optim.schedule': 'step',
                'optim.step_boundaries': (0.4, 0.6, 0.8), 'optim.step_factor': 0.1,

@@ -34,12 +34,13 @@ steps 200, 300, 400; batch 512; SGD momentum 0.9, lr 0.003; no weight decay; inc
 larger resolution for images of >= 96x96 px: resize 512, crop 480) with big_vision's Flowers
 transfer settings (big_vision/configs/transfer.py: grad clip 1.0, wd None). Here: 384 px (eval:
 resize 439, center crop 384; at batch 512, 448 px needs ~75 GB for activations, 384 px ~55 GB: XLA's
-buffer sizes of the bfloat16 train step, measured on CPU; a GPU usually needs less), batch 512 = 1
-step per epoch of 1020 images (the remainder is dropped), so 500 epochs = 500 steps; step schedule
-at 0.4 / 0.6 / 0.8 of the run; bfloat16 compute. Not expressible with today's keys: BiT's
-zero-initialised head (the head starts from the default init) and evaluating less often than every
-epoch (500 validation passes). On a GPU with less memory, halve train.batch_size and optim.lr
-together (linear scaling).
+buffer sizes of the bfloat16 train step, measured on CPU; a GPU usually needs less), `train.steps=500`
+of batch 512 (~251 passes over 1020 images, one stream: nothing dropped), validation every 100
+steps (big_vision's `log_steps=100`), the head zero-initialised (BiT's and big_vision's
+`head_zeroinit`); step schedule
+at 0.4 / 0.6 / 0.8 of the run; bfloat16 compute. On a GPU with less memory, keep the batch and set
+`--config.train.accum_steps=2` (or 4): the same update in microbatches (BatchNorm normalises each
+microbatch, as torch's accumulation does).
 """
 
 from flowers_jax.config import base_config, select_variant
@@ -59,7 +60,8 @@ VARIANTS = {
     **{f'deform_{d}_pretrained_init': {**ARGS['deform'][d], **ARGS['init']['pretrained']}
        for d in DEFORM},
     'strong': {'data.image_size': 384, 'train.batch_size': 512, 'train.eval_batch_size': 256,
-               'train.epochs': 500, 'train.dtype': 'bfloat16', 'optim.name': 'sgd',
+               'train.steps': 500,
+               'evals.every_steps': 100, 'init.zero_head': True, 'train.dtype': 'bfloat16', 'optim.name': 'sgd',
                'optim.momentum': 0.9, 'optim.lr': 0.003, 'optim.weight_decay': 0.0,
                'optim.schedule': 'step', 'optim.step_boundaries': (0.4, 0.6, 0.8),
                'optim.step_factor': 0.1, 'optim.warmup_steps': 100, 'optim.clip_norm': 1.0},

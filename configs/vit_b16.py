@@ -23,14 +23,15 @@ strong: big_vision's Flowers transfer (big_vision/configs/transfer.py, dataset o
 SGD momentum 0.9 ("momentum_hp"), lr 0.003, batch 512, 500 steps, 100 warmup steps then cosine
 decay, grad clip 1.0, no weight decay, inception crop + flip, head re-initialised to zeros; its
 ViT-B/32 reaches 99.4% test), with label smoothing 0.1 (Szegedy et al. 2016; the DeiT / torchvision
-ViT recipes use it). Batch 512 = 1 step per epoch of 1020 images, so 500 epochs = 500 steps;
+ViT recipes use it) and layer-wise lr decay 0.75 (BEiT, Bao et al. 2021, and MAE's fine-tuning
+recipe, He et al. 2021: block i's lr x 0.75^(12 - i)). `train.steps=500` of batch 512, validation
+every 100 steps (big_vision's `log_steps=100`);
 bfloat16 compute; 224 px, the resolution of the IN-1k weights (big_vision transfers at 384:
 `--config.data.image_size=384` resizes the position embedding, but takes ~3x the compute and ~4x the
 activation memory: ~80 GB at 224 px, ~330 GB at 384 px for batch 512, XLA's buffer sizes of the
-bfloat16 train step measured on CPU, so 384 needs gradient accumulation). Not expressible with
-today's keys: the zero-initialised head, layer-wise lr decay, gradient accumulation, evaluating less
-often than every epoch (500 validation passes). On a GPU with less memory, halve train.batch_size
-and optim.lr together (linear scaling).
+bfloat16 train step measured on CPU, so 384 needs `train.accum_steps` or `model.remat`: docs/benchmarks.md has the
+buffer sizes of each). On a GPU with less memory, keep the batch and set
+`--config.train.accum_steps=N`: the same update as the whole batch (no BatchNorm here).
 """
 
 from flowers_jax.config import base_config, select_variant
@@ -41,8 +42,10 @@ VARIANTS = {
     'triplet': {'train.loss': 'triplet'},
     'tcel': {'train.loss': 'tcel'},
     'tcel_hard': {'train.loss': 'tcel_hard'},
-    'strong': {'train.batch_size': 512, 'train.eval_batch_size': 256, 'train.epochs': 500,
-               'train.dtype': 'bfloat16', 'train.label_smoothing': 0.1, 'optim.name': 'sgd',
+    'strong': {'train.batch_size': 512, 'train.eval_batch_size': 256, 'train.steps': 500,
+               'evals.every_steps': 100, 'init.zero_head': True,
+               'train.dtype': 'bfloat16', 'train.label_smoothing': 0.1,
+               'optim.layer_decay': 0.75, 'optim.name': 'sgd',
                'optim.momentum': 0.9, 'optim.lr': 0.003, 'optim.weight_decay': 0.0,
                'optim.schedule': 'cosine', 'optim.warmup_steps': 100, 'optim.clip_norm': 1.0},
 }

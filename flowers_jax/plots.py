@@ -1,4 +1,4 @@
-"""Figures: per-epoch accuracy curves (like the study's figures 4, 6 and 10), confusion matrices."""
+"""Figures: accuracy curves by step (like the study's figures 4, 6 and 10), confusion matrices."""
 
 from __future__ import annotations
 
@@ -15,13 +15,13 @@ def _pyplot():
 
 
 def plot_curves(history: Sequence[dict], path: str, title: str = '') -> None:
-  """Writes train and validation accuracy per epoch (`metrics.jsonl` rows) to a PNG."""
+  """Writes train and validation accuracy against the step (`metrics.jsonl` rows) to a PNG."""
   plt = _pyplot()
-  epochs = [r['epoch'] for r in history]
+  epochs = [r['step'] for r in history]
   fig, ax = plt.subplots(figsize=(6, 4))
   ax.plot(epochs, [r['train_accuracy'] for r in history], 'o-', label='train')
   ax.plot(epochs, [r['val_accuracy'] for r in history], 's-', label='validation')
-  ax.set_xlabel('epoch')
+  ax.set_xlabel('step')
   ax.set_ylabel('accuracy')
   ax.set_ylim(0, 1)
   ax.grid(alpha=0.3)

@@ -8,8 +8,11 @@ metrics.jsonl) and writes into `--out` (default `RUNS/report`):
   report.md              one table: model, variant, best val, test, the study's test accuracy
                          and our difference, test top-5, k-NN / recall@1 (results.json keys
                          `test_knn_accuracy`, `test_recall_at_1`, blank where not measured),
-                         epochs, wall time, train img/s; then each model's most confused pairs
-  curves_<model>.png     train and validation accuracy against epoch, one line per variant
+                         steps, images seen, epochs, validations, wall time, train img/s; then
+                         each model's most confused pairs
+  curves_<model>.png     train and validation accuracy against images seen (`--x images`,
+                         the default: a 500-step run of batch 512 and a 20-epoch run of batch
+                         32 share the axis), `--x steps` or `--x epochs`, one line per variant
                          (like the study's figures 4, 6 and 10)
 
 The confused pairs are those of each model's best run (by validation accuracy), from
@@ -121,7 +124,11 @@ def _hms(seconds) -> str:
 
 
 COLUMNS = ('model', 'variant', 'best val', 'test', 'study test', 'Δ test', 'test top-5',
-           'k-NN', 'recall@1', 'epochs', 'wall time', 'train img/s')
+           'k-NN', 'recall@1', 'steps', 'images seen', 'epochs', 'validations', 'wall time',
+           'train img/s')
+# --x: the metrics.jsonl key plotted on the x axis, and its label.
+X_AXES = {'images': ('images_seen', 'images seen'), 'steps': ('step', 'step'),
+          'epochs': ('epoch', 'epoch')}
 
 
 def table_row(run: dict) -> list[str]:
@@ -131,10 +138,13 @@ def table_row(run: dict) -> list[str]:
   diff = None if study is None or test is None else test - study
   study_cell = '' if study is None else (
       f'{study:.3f}' if which == run['variant'] else f'{study:.3f} ({which})')
-  epochs = len(run['history']) or r.get('epochs')
+  epochs = r.get('epochs') or len(run['history'])
+  count = lambda key: '' if r.get(key) is None else str(r[key])
   return [run['model'], run['variant'], _f(r.get('best_val_accuracy')), _f(test), study_cell,
           _f(diff, '{:+.3f}'), _f(r.get('test_top5')), _f(r.get('test_knn_accuracy')),
-          _f(r.get('test_recall_at_1')), str(epochs or ''), _hms(r.get('wall_time_s')),
+          _f(r.get('test_recall_at_1')), count('steps'), count('images_seen'),
+          str(epochs or ''), str(r.get('validations') or len(run['history']) or ''),
+          _hms(r.get('wall_time_s')),
           _f(r.get('train_images_per_s'), '{:.1f}')]
 
 
@@ -163,16 +173,18 @@ MARKERS = ('o', 's', '^', 'D', 'v', 'P', 'X', '*')
 LINESTYLES = ('-', '--', '-.', ':')
 
 
-def plot_model(model: str, runs: list[dict], path: str) -> None:
-  """Train (left) and validation (right) accuracy against epoch, one line per variant."""
+def plot_model(model: str, runs: list[dict], path: str, x: str = 'images') -> None:
+  """Train (left) and validation (right) accuracy against `X_AXES[x]`, one line per variant
+  (rows without that key, from runs before it was written, are left out)."""
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
   fig, axes = plt.subplots(1, 2, figsize=(11, 4.6), sharey=True, layout='constrained')
   colors = plt.get_cmap('tab10')
   for i, run in enumerate(runs):
-    h = run['history']
-    epochs = [row['epoch'] for row in h]
+    key = X_AXES[x][0]
+    h = [row for row in run['history'] if key in row]
+    epochs = [row[key] for row in h]
     # Equal curves (short runs) stay visible: markers shrink and line styles change per variant.
     style = dict(color=colors(i % 10), marker=MARKERS[i % len(MARKERS)],
                  markersize=max(3, 10 - 1.5 * i), linestyle=LINESTYLES[i % len(LINESTYLES)],
@@ -181,7 +193,7 @@ def plot_model(model: str, runs: list[dict], path: str) -> None:
     axes[1].plot(epochs, [row['val_accuracy'] for row in h], **style)
   for ax, what in zip(axes, ('train', 'validation')):
     ax.set_title(f'{TITLES.get(model, model)}: {what} accuracy')
-    ax.set_xlabel('epoch')
+    ax.set_xlabel(X_AXES[x][1])
     ax.set_ylim(0, 1.02)
     ax.grid(alpha=0.3)
     ax.xaxis.get_major_locator().set_params(integer=True)
@@ -248,7 +260,8 @@ def confusion_section(model: str, runs: list[dict], k: int) -> list[str]:
 # ----------------------------------------------------------------- the report
 
 
-def write_report(root: str, out: str, pairs: int = 5, confusion: bool = True) -> str:
+def write_report(root: str, out: str, pairs: int = 5, confusion: bool = True,
+                 x: str = 'images') -> str:
   """Writes report.md and one PNG per model into `out`; returns the Markdown."""
   runs, unfinished = read_runs(root)
   if not runs:
@@ -264,10 +277,10 @@ def write_report(root: str, out: str, pairs: int = 5, confusion: bool = True) ->
   if unfinished:
     md.append(f'- unfinished (no results.json): {", ".join(unfinished)}')
   md += ['', markdown_table(COLUMNS, [table_row(r) for r in runs]), '',
-         '## Train and validation accuracy per epoch', '']
+         f'## Train and validation accuracy against {X_AXES[x][1]}', '']
   for model, model_runs in by_model.items():
     png = f'curves_{model}.png'
-    plot_model(model, model_runs, os.path.join(out, png))
+    plot_model(model, model_runs, os.path.join(out, png), x)
     md += [f'![{TITLES.get(model, model)}]({png})', '']
   if confusion:
     md += ['## Most confused classes on the test split', '']
@@ -286,6 +299,8 @@ def main(argv=None) -> int:
   parser.add_argument('--pairs', type=int, default=5, help='confused pairs per model')
   parser.add_argument('--no-confusion', action='store_true',
                       help='skip the confused pairs (they may run the test split)')
+  parser.add_argument('--x', choices=sorted(X_AXES), default='images',
+                      help='the curves\' x axis (default: images seen)')
   args = parser.parse_args(sys.argv[1:] if argv is None else argv)
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
   if not os.path.isdir(args.runs):
@@ -293,7 +308,7 @@ def main(argv=None) -> int:
     return 2
   out = args.out or os.path.join(args.runs, 'report')
   try:
-    write_report(args.runs, out, args.pairs, not args.no_confusion)
+    write_report(args.runs, out, args.pairs, not args.no_confusion, args.x)
   except FileNotFoundError as e:
     print(f'error: {e}', file=sys.stderr)
     return 2

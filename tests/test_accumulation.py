@@ -63,7 +63,8 @@ def test_vit_accumulated_update_equals_the_large_batch_in_float64():
     make_tx = lambda: optax.chain(optax.add_decayed_weights(0.05), optax.sgd(schedule, 0.9))
     batches = _batches(np.random.default_rng(0), 3, 16, 5, np.float64)
     whole = _run(model, make_tx(), _train_cfg(), variables, batches)
-    accum = _run(model, steps.accumulating(make_tx(), ACCUM, variables['params']), _train_cfg(accum_steps=ACCUM),
+    tx = steps.accumulating(make_tx(), ACCUM, variables['params'])
+    accum = _run(model, tx, _train_cfg(accum_steps=ACCUM),
                  variables, _micro(batches, ACCUM))
     assert int(accum.step) == 3 * ACCUM
     a, b = flat(whole.params), flat(accum.params)
@@ -85,7 +86,8 @@ def test_batchnorm_accumulation_normalises_each_microbatch_with_its_own_statisti
     variables = _float64(model.init({'params': jax.random.key(0)}, x))
     batches = _micro(_batches(np.random.default_rng(1), 1, 16, 4, np.float64), 2)
     lr = 0.1
-    state = _run(model, steps.accumulating(optax.sgd(lr), 2, variables['params']), _train_cfg(accum_steps=2),
+    tx = steps.accumulating(optax.sgd(lr), 2, variables['params'])
+    state = _run(model, tx, _train_cfg(accum_steps=2),
                  variables, batches)
 
     def loss(params, stats, batch):

@@ -84,3 +84,40 @@ def test_hosts_split_the_global_batch(fake_dir):
 def test_global_batch_must_divide_over_hosts(fake_dir):
   with pytest.raises(ValueError, match='not divisible by the 3 processes'):
     _build(fake_dir, process_index=0, process_count=3).train_batches(8, 0)
+
+
+# ---------------------------------------------------------------- the endless train stream
+
+
+def _take(it, n):
+  return [next(it) for _ in range(n)]
+
+
+def test_stream_resumes_exactly_and_drops_nothing(fake_dir):
+  """Batch 7 of 24 images: each pass is a permutation taken whole (the remainder 3 flows into
+  the next batch, it is not dropped), and starting at step k gives steps k.. exactly (images
+  included: their augmentation is seeded by pass and position)."""
+  ds = _build(fake_dir)
+  whole = _take(ds.train_stream(7), 8)  # 56 images: passes 0, 1 and 8 images of pass 2
+  ids_of = lambda batches: np.concatenate([b['label'] for b in batches])
+  assert len(ids_of(whole)) == 56
+  from flowers_jax.data import samplers
+  plan = list(zip(range(8), samplers.stream('random', ds.split('train').labels, 7, 0)))
+  order = np.concatenate([p['index'] for _, p in plan])
+  for first in (0, 24):
+    assert sorted(order[first:first + 24]) == list(range(24))  # a whole pass
+  assert not np.array_equal(order[:24], order[24:48])  # reshuffled
+  resumed = _take(_build(fake_dir, cache=False).train_stream(7, start_step=3), 5)
+  for a, b in zip(whole[3:], resumed):
+    for key in a:
+      np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def test_stream_rows_of_two_hosts_join_to_the_global_batch(fake_dir):
+  one = _take(_build(fake_dir).train_stream(8, sampler='triplet'), 4)
+  parts = [_take(_build(fake_dir, process_index=p, process_count=2)
+                 .train_stream(8, sampler='triplet'), 4) for p in range(2)]
+  for step, batch in enumerate(one):
+    for key, value in batch.items():
+      joined = np.concatenate([parts[0][step][key], parts[1][step][key]])
+      np.testing.assert_array_equal(joined, value, err_msg=key)

@@ -94,8 +94,10 @@ def _fake_run(root, name, model, variant, results, history):
 
 def test_report_table_figures_and_pairs_without_training(tmp_path):
   root = str(tmp_path / 'runs')
-  history = [{'epoch': e, 'train_accuracy': 0.2 * e, 'val_accuracy': 0.15 * e} for e in (1, 2, 3)]
+  history = [{'epoch': e, 'step': 10 * e, 'images_seen': 320 * e, 'train_accuracy': 0.2 * e,
+              'val_accuracy': 0.15 * e} for e in (1, 2, 3)]
   base = {'best_val_accuracy': 0.45, 'test_top5': 1.0, 'test_examples': 9, 'epochs': 3,
+          'steps': 30, 'images_seen': 960, 'validations': 3,
           'wall_time_s': 3725.0, 'train_images_per_s': 123.4}
   tcel = _fake_run(root, 'vit_tcel', 'vit_b16', 'tcel',
                    {**base, 'test_accuracy': 0.9, 'test_knn_accuracy': 0.8,
@@ -120,7 +122,8 @@ def test_report_table_figures_and_pairs_without_training(tmp_path):
   assert '| 0.900 | 0.876 | +0.024 |' in rows['tcel'] and '| 0.800 | 0.850 |' in rows['tcel']
   assert '0.876 (best: tcel)' in rows['strong'] and '| 1:02:05 | 123.4 |' in rows['strong']
   assert '0.565 (deform_after_conv1)' in rows['deform_after_conv1_pretrained_init']
-  assert '| 1.000 |  |  | 3 |' in rows['strong']  # no k-NN / recall@1: blank cells
+  # No k-NN / recall@1: blank cells; then steps, images seen, epochs, validations.
+  assert '| 1.000 |  |  | 30 | 960 | 3 | 3 |' in rows['strong']
   assert 'unfinished (no results.json): unfinished' in text
   for model in ('vit_b16', 'resnet18'):
     assert os.path.getsize(os.path.join(out, f'curves_{model}.png')) > 10_000

@@ -37,6 +37,7 @@ import inspect
 import typing
 from typing import Any, Callable, Literal
 
+from flowers_jax.data import randaugment as rand_augment
 from flowers_jax.data import transforms
 
 Interpolation = Literal[transforms.INTERPOLATIONS]
@@ -57,11 +58,13 @@ class Op:
   """A registered op: ``fn(image, args..., [*, seed])``; ``from_config`` maps an
   argument to the ``config.data`` key that fills it when the spec leaves it out;
   ``out`` is its output size: 'same' (as the input), 'size' (its ``size`` argument) or
-  'any'; ``checks``: argument -> (predicate on its value, what is valid)."""
+  'any'; ``checks``: argument -> (predicate on its value, what is valid), or a tuple of
+  arguments -> (predicate on their values, what is valid)."""
   fn: Callable
   from_config: dict[str, str]
   out: str = 'same'
-  checks: dict[str, tuple[Callable[[Any], bool], str]] = dataclasses.field(default_factory=dict)
+  checks: dict[str | tuple[str, ...], tuple[Callable[..., bool], str]] = dataclasses.field(
+      default_factory=dict)
 
   @property
   def random(self) -> bool:
@@ -87,8 +90,8 @@ OUT_SIZES = ('same', 'size', 'any')
 
 def register(out: str = 'same', checks: dict | None = None, **from_config: str) -> Callable:
   """Decorator: registers ``fn`` under its name; ``out``: its output size (``OUT_SIZES``);
-  ``checks``: argument -> (predicate, what is valid), applied when a spec is parsed;
-  ``from_config``: argument -> data key."""
+  ``checks``: argument (or tuple of arguments) -> (predicate, what is valid), applied when
+  a spec is parsed; ``from_config``: argument -> data key."""
   if out not in OUT_SIZES:
     raise ValueError(f'register(out={out!r}); valid: {OUT_SIZES}')
 
@@ -114,6 +117,8 @@ POSITIVE = (lambda v: v >= 1, 'an integer >= 1 (pixels)')
 NOT_NEGATIVE = (lambda v: v >= 0, 'an integer >= 0 (pixels)')
 SCALE = (_ordered_pair(0, 1, lo_open=True), 'a pair (min, max) with 0 < min <= max <= 1')
 RATIO = (_ordered_pair(0, float('inf'), lo_open=True), 'a pair (min, max) with 0 < min <= max')
+PROBABILITY = (lambda v: 0 <= v <= 1, 'a number in [0, 1]')
+COUNT = (lambda v: v >= 0, 'an integer >= 0')
 
 
 # ---------------------------------------------------------------- ops: uint8 [H, W, 3] in
@@ -157,6 +162,30 @@ def random_crop(image, size: int, padding: int = 0, *, seed):
 def flip_lr(image, *, seed):
   """Horizontal flip with probability 1/2."""
   return transforms.random_flip(image, seed)
+
+
+@register(checks={'num_ops': COUNT, 'magnitude': COUNT,
+                  'num_magnitude_bins': (lambda v: v >= 2, 'an integer >= 2'),
+                  ('magnitude', 'num_magnitude_bins'): (lambda m, n: m < n,
+                                                        'magnitude < num_magnitude_bins')})
+def randaugment(image, num_ops: int = 2, magnitude: int = 9, num_magnitude_bins: int = 31, *,
+                seed):
+  """torchvision ``RandAugment(num_ops, magnitude, num_magnitude_bins)`` (torchvision
+  ``transforms/autoaugment.py``): ``num_ops`` of its 14 ops, uniform with replacement, at bin
+  ``magnitude`` of each op's range, signed ones negated with probability 1/2; nearest
+  interpolation, fill 0 (``randaugment.py``)."""
+  return rand_augment.randaugment(image, seed, num_ops, magnitude, num_magnitude_bins)
+
+
+@register(checks={'p': PROBABILITY, 'scale': SCALE, 'ratio': RATIO})
+def random_erasing(image, p: float = 0.25, scale: tuple = transforms.ERASE_SCALE,
+                   ratio: tuple = transforms.ERASE_RATIO,
+                   value: Literal[transforms.ERASE_VALUES] = 'mean', *, seed):
+  """torchvision ``RandomErasing(p, scale, ratio)`` (``transforms/transforms.py``) before
+  normalisation: value 'mean' (the ImageNet mean, torchvision's value=0 once normalised) or
+  'random' (per-pixel normal noise in normalised space, clipped: timm
+  ``random_erasing.py``'s mode='pixel')."""
+  return transforms.random_erasing(image, seed, p, scale, ratio, value)
 
 
 # ---------------------------------------------------------------- parsing
@@ -258,6 +287,10 @@ def _parse_op(text: str, key: str, spec: str, cfg: Any) -> tuple[Op, dict[str, A
     if check is not None and not check(bound[p.name]):
       raise ValueError(f'{bad}: {p.name}={bound[p.name]!r}; expected {valid}; '
                        f'usage: {op.usage()}')
+  for names, (check, valid) in op.checks.items():
+    if isinstance(names, tuple) and not check(*(bound[n] for n in names)):
+      values = ', '.join(f'{n}={bound[n]!r}' for n in names)
+      raise ValueError(f'{bad}: {values}; expected {valid}; usage: {op.usage()}')
   return op, bound
 
 

@@ -15,6 +15,9 @@ stateless seed ``int64 [2]`` so an example's augmentation is a pure function of
   upsampling; torch tensors use a=-0.75). Results are rounded and clipped to
   [0, 255] as a uint8 PIL pipeline would be. Antialiasing costs ~2x in throughput.
 - ``random_crop``: ``RandomCrop(size, padding)`` (zero padding, uniform offsets).
+- ``random_erasing``: ``RandomErasing(p, scale, ratio)`` (``transforms.py``'s
+  ``get_params``: 10 tries of area fraction x log-ratio, erase where the box fits), on uint8
+  before normalisation: see its docstring for the fill values.
 - ``normalize``: ``/255``, minus ImageNet mean, over ImageNet std.
 """
 
@@ -28,6 +31,12 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 RRC_SCALE = (0.08, 1.0)
 RRC_RATIO = (3 / 4, 4 / 3)
 INTERPOLATIONS = ('bilinear', 'bicubic', 'nearest', 'area')
+ERASE_SCALE = (0.02, 0.33)
+ERASE_RATIO = (0.3, 3.3)
+ERASE_TRIES = 10
+ERASE_VALUES = ('mean', 'random')
+# The ImageNet mean in uint8: 0 after normalisation, to half a grey level.
+MEAN_UINT8 = tuple(round(255 * m) for m in IMAGENET_MEAN)  # (124, 116, 104)
 
 
 def _tf():
@@ -156,3 +165,77 @@ def random_flip(image, seed):
   tf = _tf()
   flip = tf.random.stateless_uniform([], seed) < 0.5
   return tf.cond(flip, lambda: tf.reverse(image, [1]), lambda: image)
+
+
+def random_erasing_draws(seed, tries=ERASE_TRIES):
+  """The uniforms [0, 1) of one ``RandomErasing.get_params`` from stateless seed [2]:
+  (area float32 [tries], log-ratio float32 [tries], top and left float32 [2])."""
+  tf = _tf()
+  s_area, s_ratio, s_pos = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
+  uniform = tf.random.stateless_uniform
+  return uniform([tries], s_area), uniform([tries], s_ratio), uniform([2], s_pos)
+
+
+def random_erasing_box(shape, u_area, u_ratio, u_pos, scale=ERASE_SCALE, ratio=ERASE_RATIO):
+  """torchvision ``RandomErasing.get_params`` from its uniforms (``random_erasing_draws``):
+  (top, left, h, w, found), int32 scalars and a bool; (0, 0, H, W, False) when no try fits.
+
+  Try k: area fraction ``scale[0] + (scale[1] - scale[0]) * u_area[k]`` and aspect
+  ``exp(log-uniform)`` in float32 as ``torch.empty(1).uniform_`` gives them, then in float64
+  ``h = round(sqrt(H * W * fraction * aspect))``, ``w = round(sqrt(H * W * fraction /
+  aspect))``; the first try with ``h < H and w < W`` wins, at ``top = floor(u_pos[0] * (H - h
+  + 1))`` (``torch.randint(0, H - h + 1)``), ``left`` alike.
+  """
+  tf = _tf()
+  height, width = shape[0], shape[1]
+  area = tf.cast(height * width, tf.float64)
+  s0, s1 = tf.constant(scale[0], tf.float32), tf.constant(scale[1], tf.float32)
+  r0, r1 = tf.unstack(tf.math.log(tf.constant(ratio, tf.float32)))
+  fraction = tf.cast(s0 + (s1 - s0) * u_area, tf.float64)
+  aspect = tf.cast(tf.exp(r0 + (r1 - r0) * u_ratio), tf.float64)
+  h = tf.cast(tf.round(tf.sqrt(area * fraction * aspect)), tf.int32)  # round: half to even
+  w = tf.cast(tf.round(tf.sqrt(area * fraction / aspect)), tf.int32)
+  ok = (h < height) & (w < width)
+  first, found = tf.argmax(tf.cast(ok, tf.int32)), tf.reduce_any(ok)
+  h, w = h[first], w[first]
+  offset = lambda u, n: tf.minimum(tf.cast(tf.floor(u * tf.cast(n + 1, tf.float32)), tf.int32), n)
+  top, left = offset(u_pos[0], height - h), offset(u_pos[1], width - w)
+  where = lambda a, b: tf.where(found, a, b)
+  return where(top, 0), where(left, 0), where(h, height), where(w, width), found
+
+
+def _erase(image, box, value, seed):
+  """image uint8 [H, W, 3] with box (top, left, h, w) filled with ``value``'s pixels."""
+  tf = _tf()
+  top, left, h, w = box
+  shape = tf.shape(image)
+  rows, cols = tf.range(shape[0]), tf.range(shape[1])
+  inside = (((rows >= top) & (rows < top + h))[:, None]
+            & ((cols >= left) & (cols < left + w))[None, :])
+  if value == 'mean':
+    fill = tf.constant(MEAN_UINT8, tf.uint8)
+  else:  # 'random'
+    noise = tf.random.stateless_normal(shape, seed)
+    level = 255.0 * (tf.constant(IMAGENET_MEAN) + tf.constant(IMAGENET_STD) * noise)
+    fill = tf.cast(tf.clip_by_value(tf.round(level), 0.0, 255.0), tf.uint8)
+  return tf.where(inside[..., None], fill, image)
+
+
+def random_erasing(image, seed, p=0.25, scale=ERASE_SCALE, ratio=ERASE_RATIO, value='mean'):
+  """torchvision ``RandomErasing(p, scale, ratio, value)`` on uint8 [H, W, 3], before
+  normalisation: uint8 [H, W, 3], with probability ``p`` a ``random_erasing_box`` filled.
+
+  value: 'mean' fills the box with ``MEAN_UINT8``, which normalises to torchvision's
+    default ``value=0`` on a normalised tensor (within 0.5 / 255 / std < 0.009);
+    'random' with ``255 * (mean + std * N(0, 1))`` per pixel and channel, rounded and
+    clipped to [0, 255]: after normalisation timm's ``RandomErasing(mode='pixel')`` noise
+    N(0, 1), but clipped to the range an image can hold ([-2.12, 2.25] for red,
+    [-2.04, 2.43] green, [-1.80, 2.64] blue) and quantised to 1 / (255 std).
+  """
+  tf = _tf()
+  if value not in ERASE_VALUES:
+    raise ValueError(f'random_erasing value={value!r}; valid: {ERASE_VALUES}')
+  s_p, s_box, s_noise = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
+  *box, found = random_erasing_box(tf.shape(image), *random_erasing_draws(s_box), scale, ratio)
+  erase = (tf.random.stateless_uniform([], s_p) < p) & found
+  return tf.cond(erase, lambda: _erase(image, box, value, s_noise), lambda: image)
