@@ -186,6 +186,8 @@ RULES: tuple[Rule, ...] = (
     Rule('evals.every_steps', _int_at_least(0),
          'an integer >= 0 (steps; 0: after every epoch)'),
     Rule('optim.layer_decay', _number_in(0, 1, lo_open=True), 'a number in (0, 1] (1: off)'),
+    Rule('optim.lr_mults', _parses(optim.parse_lr_mults),
+         "'' or 'regex=mult,regex=mult' (mult a number > 0; the first match wins)"),
     Rule('distributed.num_processes', _int_at_least(1), 'an integer >= 1'),
     Rule('distributed.process_id', _process_id_ok,
          'an integer in [0, distributed.num_processes)'),

@@ -103,7 +103,16 @@ def batchnorm_uses_batch_stats(train_cfg: ml_collections.ConfigDict) -> bool:
 
 
 def initial_variables(config: ml_collections.ConfigDict, model, image_size: int) -> dict:
-  """Random init, or torchvision weights converted (`init.torchvision`: .pth or converted dir)."""
+  """Random init, or torchvision weights converted (`init.torchvision`: .pth or converted
+  dir); with `init.zero_head` the head's kernel and bias start at zero."""
+  variables = _loaded_or_random(config, model, image_size)
+  if config.init.zero_head:
+    head = models.spec(config.model.name).head
+    variables = {**variables, 'params': optim.zero_head(variables['params'], head)}
+  return variables
+
+
+def _loaded_or_random(config: ml_collections.ConfigDict, model, image_size: int) -> dict:
   if config.init.torchvision:
     from flowers_jax import convert  # torch only needed for .pth files
     variables, report = convert.torchvision_to_flax(
@@ -414,13 +423,16 @@ def _build(config: ml_collections.ConfigDict, workdir: str) -> tuple[Run, TrainS
   spec = models.spec(config.model.name)
   tx = optim.make_optimizer(config.optim, variables['params'], total_steps=total_steps,
                             freeze=tc.freeze, head_pattern=spec.head,
-                            no_decay=spec.no_weight_decay)
+                            no_decay=spec.no_weight_decay, model_name=config.model.name)
   tx = steps.accumulating(tx, tc.accum_steps, variables['params'])
   counts = optim.describe(variables['params'],
                           optim.trainable_mask(variables['params'], tc.freeze, spec.head))
   bn_batch = batchnorm_uses_batch_stats(tc)
+  trainable = optim.trainable_mask(variables['params'], tc.freeze, spec.head)
+  lr_scales = optim.describe_lr_scales(
+      optim.lr_scales(variables['params'], config.optim, config.model.name), trainable)
   log(f'model {config.model.name}: {counts}; BatchNorm on '
-      f'{"batch" if bn_batch else "running"} statistics')
+      f'{"batch" if bn_batch else "running"} statistics; {lr_scales}')
   train_step = strategy.compile(steps.make_train_step(
       model, tx, tc, axis_name=strategy.axis_name, bn_train=bn_batch))
   evals = evaluators.get(config.evals.names)

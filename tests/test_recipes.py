@@ -100,3 +100,14 @@ def test_a_run_in_steps_validates_and_saves_on_its_cadence(data_dir, tmp_path): 
   assert meta['step'] == 5
   p, e = flat(state.params), flat(state.ema['params'])
   assert max(np.abs(p[k] - e[k]).max() for k in p) > 1e-6  # the EMA is its own weights
+
+
+def test_zero_head_through_the_run_s_initial_variables(data_dir):  # noqa: F811
+  """`init.zero_head` zeros fc's kernel and bias (big_vision's transfer) and nothing else."""
+  plain = test_train.make_config(data_dir)
+  zeroed = test_train.make_config(data_dir, **{'init.zero_head': True})
+  model = train.create_model(plain)
+  a = flat(train.initial_variables(plain, model, 16)['params'])
+  b = flat(train.initial_variables(zeroed, model, 16)['params'])
+  assert {k for k in a if not np.array_equal(a[k], b[k])} == {'fc/kernel', 'fc/bias'}
+  assert not b['fc/kernel'].any() and not b['fc/bias'].any() and a['fc/kernel'].any()
