@@ -34,11 +34,11 @@ steps 200, 300, 400; batch 512; SGD momentum 0.9, lr 0.003; no weight decay; inc
 larger resolution for images of >= 96x96 px: resize 512, crop 480) with big_vision's Flowers
 transfer settings (big_vision/configs/transfer.py: grad clip 1.0, wd None). Here: 384 px (eval:
 resize 439, center crop 384; at batch 512, 448 px needs ~75 GB for activations, 384 px ~55 GB: XLA's
-buffer sizes of the bfloat16 train step, measured on CPU; a GPU usually needs less), `train.steps=500`
-of batch 512 (~251 passes over 1020 images, one stream: nothing dropped), validation every 100
-steps (big_vision's `log_steps=100`), the head zero-initialised (BiT's and big_vision's
-`head_zeroinit`); step schedule
-at 0.4 / 0.6 / 0.8 of the run; bfloat16 compute. On a GPU with less memory, keep the batch and set
+buffer sizes of the bfloat16 train step, measured on CPU; a GPU usually needs less),
+`train.steps=500` of batch 512 (~251 passes over 1020 images, one stream: nothing dropped),
+validation every 100 steps (big_vision's `log_steps=100`), the head zero-initialised (BiT's and
+big_vision's `head_zeroinit`); step schedule at 0.4 / 0.6 / 0.8 of the run; bfloat16 compute.
+On a GPU with less memory, keep the batch and set
 `--config.train.accum_steps=2` (or 4): the same update in microbatches (BatchNorm normalises each
 microbatch, as torch's accumulation does).
 """
@@ -60,8 +60,8 @@ VARIANTS = {
     **{f'deform_{d}_pretrained_init': {**ARGS['deform'][d], **ARGS['init']['pretrained']}
        for d in DEFORM},
     'strong': {'data.image_size': 384, 'train.batch_size': 512, 'train.eval_batch_size': 256,
-               'train.steps': 500,
-               'evals.every_steps': 100, 'init.zero_head': True, 'train.dtype': 'bfloat16', 'optim.name': 'sgd',
+               'train.steps': 500, 'evals.every_steps': 100, 'init.zero_head': True,
+               'train.dtype': 'bfloat16', 'optim.name': 'sgd',
                'optim.momentum': 0.9, 'optim.lr': 0.003, 'optim.weight_decay': 0.0,
                'optim.schedule': 'step', 'optim.step_boundaries': (0.4, 0.6, 0.8),
                'optim.step_factor': 0.1, 'optim.warmup_steps': 100, 'optim.clip_norm': 1.0},

@@ -29,8 +29,8 @@ every 100 steps (big_vision's `log_steps=100`);
 bfloat16 compute; 224 px, the resolution of the IN-1k weights (big_vision transfers at 384:
 `--config.data.image_size=384` resizes the position embedding, but takes ~3x the compute and ~4x the
 activation memory: ~80 GB at 224 px, ~330 GB at 384 px for batch 512, XLA's buffer sizes of the
-bfloat16 train step measured on CPU, so 384 needs `train.accum_steps` or `model.remat`: docs/benchmarks.md has the
-buffer sizes of each). On a GPU with less memory, keep the batch and set
+bfloat16 train step measured on CPU, so 384 needs `train.accum_steps` or `model.remat`:
+docs/benchmarks.md has the buffer sizes of each). On a GPU with less memory, keep the batch and set
 `--config.train.accum_steps=N`: the same update as the whole batch (no BatchNorm here).
 """
 
