@@ -388,7 +388,7 @@ class Checkpointer:
     self._save(self._latest, step, state, meta, wait)
 
   def save_best(self, step: int, state: PyTree, meta: dict[str, Any],
-                wait: bool = False) -> None:
+                wait: bool = True) -> None:
     """Replaces the 'best' checkpoint by `state`; `meta` should hold its step and score. It
     is finished before the next save starts (`_save`)."""
     self._save(self._best, step, state, meta, wait)

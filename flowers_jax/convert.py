@@ -497,7 +497,9 @@ def torchvision_to_flax(name: str, state_dict, num_classes: int | None = None, *
     fresh = _init_missing(model, out, jax.random.PRNGKey(0) if rng is None else rng)
     out.update({p: np.asarray(fresh[p]) for p in report.initialised})
   if spec.post_load is not None:  # e.g. ResNet's deform_init='pretrained' conv1 split
-    out = spec.post_load(out, tuple(report.initialised), **model_options)
+    wanted = inspect.signature(spec.post_load).parameters  # its options (not e.g. remat)
+    out = spec.post_load(out, tuple(report.initialised),
+                         **{k: v for k, v in model_options.items() if k in wanted})
   return _unflatten(out), report
 
 

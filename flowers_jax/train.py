@@ -302,7 +302,7 @@ class Best:
       self.state = host_state
     else:
       self.checkpoints.save_best(ckpt_step, host_state, {
-          'step': step, 'epoch': epoch, 'val_accuracy': val_accuracy})
+          'step': step, 'epoch': epoch, 'val_accuracy': val_accuracy}, wait=False)
     return True
 
 

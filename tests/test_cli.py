@@ -173,7 +173,8 @@ def test_learns_a_generated_ten_class_set(tmp_path):
   # Only the project's lines: TensorFlow's import banners (oneDNN, absl's InitializeLog
   # notice) were printed twice on stderr before (data/tf_import.py).
   assert proc.stderr.strip() == '', proc.stderr
-  assert proc.stdout.splitlines()[0].startswith('model resnet18: '), proc.stdout[:500]
+  assert proc.stdout.splitlines()[0].startswith('90 steps of 16 images = 6 epochs of 15 steps')
+  assert proc.stdout.splitlines()[1].startswith('model resnet18: '), proc.stdout[:500]
   with open(os.path.join(workdir, 'results.json')) as f:
     results = json.load(f)
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
