@@ -18,7 +18,8 @@ into `workdir`:
                   val_top5, val_examples; with 'embedding' val_knn_accuracy, val_recall_at_1,
                   val_recall_at_5; with EMA also val_ema_<scalar>), lr (the rate of the last
                   step), wall_time_s (since the run began), images_per_s (train steps only,
-                  since the previous row)
+                  since the previous row), input_wait_s (blocked waiting for batches, since
+                  the previous row)
   checkpoints/    orbax: `best` (by val accuracy, its meta the one record of the best step)
                   written before `latest` (on the cadence, and on SIGTERM/Ctrl-C)
   curves.png      train / validation accuracy against steps
@@ -324,7 +325,7 @@ class Loop:
   compiled: bool = False          # this process has compiled (and run) the train step
   started: float | None = None    # this process's loop start (None: not training)
   at_start: dict = dataclasses.field(default_factory=dict)  # `times` at `started`
-  row_mark: tuple = (0, 0.0)      # (train_images, train_time) at the last metrics row
+  row_mark: tuple = (0, 0.0, 0.0)  # (train_images, train_time, input_wait) at the last row
 
   def start(self) -> None:
     self.started, self.at_start = time.time(), dict(self.times)
@@ -462,7 +463,7 @@ def _resume(run: Run, state: TrainState) -> tuple[Loop, TrainState]:
       loop.times[k] = float(totals.get(k, 0.0))
     loop.train_images = int(totals.get('train_images', 0))
     loop.earlier_wall_time = float(totals.get('wall_time', 0.0))
-    loop.row_mark = (loop.train_images, loop.times['train_time'])
+    loop.row_mark = (loop.train_images, loop.times['train_time'], loop.times['input_wait'])
   loop.calls = int(state.step)
   loop.step = loop.calls // run.accum
   if restored is not None:
@@ -615,14 +616,15 @@ def _validate(run: Run, loop: Loop, state, pending: _Pending, best: Best, writer
         'stopped without saving it and the last good checkpoint is kept')
   epoch = run.epochs(loop.step)
   totals = loop.totals()
-  since = (loop.train_images - loop.row_mark[0], totals['train_time'] - loop.row_mark[1])
-  loop.row_mark = (loop.train_images, totals['train_time'])
+  mark = (loop.train_images, totals['train_time'], totals['input_wait'])
+  since = [now - then for now, then in zip(mark, loop.row_mark)]
+  loop.row_mark = mark
   row = {'step': loop.step, 'images_seen': loop.step * run.config.train.batch_size,
          'epoch': epoch, **pending.avg.result(), **{f'val_{k}': v for k, v in val.items()},
          **{f'val_ema_{k}': v for k, v in ema.items()},
          'lr': float(run.schedule(loop.step - 1)),
          'wall_time_s': loop.earlier_wall_time + time.time() - t_start,
-         'images_per_s': _rate(*since)}
+         'images_per_s': _rate(*since[:2]), 'input_wait_s': since[2]}
   with loop.timing('checkpoint_wait'):
     improved = best.offer(loop.step, epoch, val['accuracy'], loop.calls,
                           run.strategy.get_state(state))

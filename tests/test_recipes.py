@@ -87,6 +87,7 @@ def test_a_run_in_steps_validates_and_saves_on_its_cadence(data_dir, tmp_path): 
   assert [r['images_seen'] for r in rows] == [16, 32, 40]
   assert [r['epoch'] for r in rows] == [round(2 / 3, 4), round(4 / 3, 4), round(5 / 3, 4)]
   assert all('val_ema_accuracy' in r for r in rows)
+  assert all(0 <= r['input_wait_s'] < r['wall_time_s'] for r in rows)
   assert (results['steps'], results['validations'], results['tested_step']) == (5, 3, 5)
   assert 'test_ema_accuracy' in results
   for key in ('train_time_s', 'eval_time_s', 'checkpoint_wait_s', 'input_wait_s',

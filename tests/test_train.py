@@ -24,7 +24,7 @@ from tree_util import flat
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_CLASSES, IMAGE_SIZE, BATCH = 4, 16, 8
 TIMING_KEYS = {'images_per_s', 'wall_time_s', 'compile_time_s', 'train_time_s', 'eval_time_s',
-               'checkpoint_wait_s', 'input_wait_s', 'train_images_per_s'}
+               'checkpoint_wait_s', 'input_wait_s', 'train_images_per_s'}  # differ run to run
 STEPS_PER_EPOCH = 3  # 24 train images / 8
 # Scripted validation accuracy by global step (3 steps per epoch): epoch 1 is the best one, so
 # "test at the best checkpoint" is a different state from the final one.

@@ -34,6 +34,10 @@ pre_logits the pooled features the classifier's dropout and Linear act on.
 Intermediate feature maps for parity tests: `apply(..., capture_intermediates=True,
 mutable=['intermediates'])` records `intermediates/features/{i}/__call__` for the stem
 (i = 0), every stage (1..7) and the head conv (8).
+
+Option `remat` (default False): activation checkpointing per stage (`features.1` ..
+`features.7`, `RematStage`): the backward pass recomputes each stage's forward from its input.
+Same parameter paths, same numbers (BatchNorm statistics and stochastic-depth masks included).
 """
 
 from __future__ import annotations
@@ -181,6 +185,16 @@ class Stage(nn.Module):
     return x
 
 
+# Activation checkpointing of a whole stage (option `remat`): `jax.checkpoint` with policy None
+# (nothing inside the stage is saved for the backward pass: its forward, BatchNorm, gates and
+# stochastic-depth masks included, runs again from the stage's input) and prevent_cse=True
+# (else XLA's CSE can merge the recomputation with the forward under jit). `train` is static:
+# static_argnums counts `self` (flax's nn.checkpoint subtracts 1), so `train` of
+# `__call__(self, x, train)` is 2, and must be passed positionally. The lifted module keeps
+# the name given at the call ('1' .. '7'), so parameter paths do not change.
+RematStage = nn.remat(Stage, static_argnums=(2,), policy=None, prevent_cse=True)
+
+
 class Features(nn.Module):
   """torch `features`: stem '0', stages '1'..'7', head conv '8'. [B,H,W,3] -> [B,H/32,W/32,1280]."""
   stages: Sequence[Sequence[BlockConfig]]
@@ -188,6 +202,7 @@ class Features(nn.Module):
   norm: ModuleDef
   dtype: Any = jnp.float32
   axis_name: str | None = None
+  remat: bool = False  # activation checkpointing per stage ('1' .. '7')
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -195,8 +210,9 @@ class Features(nn.Module):
     x = cna(STEM_CHANNELS, 3, stride=2, name='0')(x)
     block = functools.partial(MBConv, attention=self.attention, norm=self.norm,
                               dtype=self.dtype, axis_name=self.axis_name)
+    stage = RematStage if self.remat else Stage
     for i, blocks in enumerate(self.stages):
-      x = Stage(blocks, block, name=str(i + 1))(x, train)
+      x = stage(blocks, block, name=str(i + 1))(x, train)
     return cna(HEAD_CHANNELS, 1, name=str(len(self.stages) + 1))(x)
 
 
@@ -223,6 +239,7 @@ class EfficientNet(nn.Module):
   stochastic_depth: float = 0.2
   bn_axis_name: str | None = None
   dtype: Any = jnp.float32
+  remat: bool = False  # activation checkpointing per MBConv stage (`RematStage`)
 
   @nn.compact
   def __call__(self, x, train: bool = False, *, bn_train: bool | None = None):
@@ -241,7 +258,8 @@ class EfficientNet(nn.Module):
     bn_train = train if bn_train is None else bn_train
     norm = torch_batchnorm(running=not bn_train, axis_name=self.bn_axis_name, dtype=self.dtype)
     x = Features(block_configs(STAGES, self.stochastic_depth), self.attention, norm,
-                 self.dtype, self.bn_axis_name, name='features')(jnp.asarray(x, self.dtype), train)
+                 self.dtype, self.bn_axis_name, self.remat,
+                 name='features')(jnp.asarray(x, self.dtype), train)
     pre_logits = jnp.mean(x, axis=(1, 2))  # AdaptiveAvgPool2d(1) + flatten: [B, 1280]
     logits = Classifier(self.num_classes, self.dropout, self.dtype, self.bn_axis_name,
                         name='classifier')(pre_logits, train)
@@ -250,6 +268,11 @@ class EfficientNet(nn.Module):
 
 @registry.register('efficientnet_b0', head=HEAD)
 def efficientnet_b0(num_classes=1000, *, bn_axis_name=None, dtype=jnp.float32,
-                    attention='se', dropout=0.2, stochastic_depth=0.2):
-  """torchvision efficientnet_b0; `attention` in ATTENTION_OPTIONS, pre_logits 1280."""
-  return EfficientNet(num_classes, attention, dropout, stochastic_depth, bn_axis_name, dtype)
+                    attention='se', dropout=0.2, stochastic_depth=0.2, remat=False):
+  """torchvision efficientnet_b0; `attention` in ATTENTION_OPTIONS, pre_logits 1280.
+
+  `remat`: activation checkpointing per MBConv stage (same parameters and numbers, less
+  memory, about one more forward pass per step).
+  """
+  return EfficientNet(num_classes, attention, dropout, stochastic_depth, bn_axis_name, dtype,
+                      remat)

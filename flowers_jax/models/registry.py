@@ -17,7 +17,8 @@ another size when loading torchvision weights.
 `torchvision` is the torchvision model name (`torchvision.models.get_model(name)`),
 `torch_rules` / `torch_aliases` are the model's special rows for the torchvision
 converter (see `flowers_jax/convert.py`: `TorchRule`, defined here so model files need
-not import the converter). `post_load(variables, initialised, **options) -> variables`,
+not import the converter). `post_load(variables, initialised, **options) -> variables` (given
+the model options its signature names),
 if given, runs after loading torchvision weights on the flat {'params/...': array}
 dict, `initialised` being the paths no torch key filled (ResNet: copies half of the
 loaded conv1 into a parallel deformable branch).

@@ -40,6 +40,11 @@ Option `deform_init`, the deformable kernels' init:
                 branch each get half of the pretrained conv1 kernel (bias 0), so their
                 sum is the pretrained conv1 and both branches (and, through the
                 non-zero deformable kernel, the offsets) get gradients from step 0.
+
+Option `remat` (default False): activation checkpointing per stage (`layer1` .. `layer4`,
+`RematStage`): the backward pass recomputes each stage's forward from its input instead of
+keeping its activations. Same parameter paths, same numbers (BatchNorm statistics included),
+less memory, about one more forward pass of compute per step.
 """
 
 from __future__ import annotations
@@ -179,6 +184,15 @@ class Stage(nn.Module):
     return x
 
 
+# Activation checkpointing of a whole stage (option `remat`): `jax.checkpoint` with policy None
+# (nothing inside the stage is saved for the backward pass; only the stage's input is kept and
+# its forward, BatchNorm included, runs again in the backward pass) and prevent_cse=True (else
+# XLA's CSE can merge the recomputation with the forward under jit and undo it). The lifted
+# module keeps the name given at the call (`layer1` ...), so parameter paths do not change.
+# Stage.__call__ has no flag to make static: BatchNorm's mode is a field of its `norm`.
+RematStage = nn.remat(Stage, policy=None, prevent_cse=True)
+
+
 class ResNet(nn.Module):
   """torchvision ResNet. Input [B, H, W, 3] (ImageNet-normalised), any H, W >= 32."""
   stage_sizes: Sequence[int]
@@ -188,6 +202,7 @@ class ResNet(nn.Module):
   dtype: Any = jnp.float32
   deform: str = 'none'
   deform_init: str = 'random'
+  remat: bool = False  # activation checkpointing per stage (`layer1` .. `layer4`)
 
   def _check_options(self):
     if self.deform not in DEFORM_OPTIONS:
@@ -247,8 +262,9 @@ class ResNet(nn.Module):
 
     x = self._stem(jnp.asarray(x, self.dtype), conv_, norm)
     self.sow('intermediates', 'stem', x)
+    stage = RematStage if self.remat else Stage
     for i, num_blocks in enumerate(self.stage_sizes):
-      x = Stage(self.block, num_blocks, 64 * 2 ** i, 1 if i == 0 else 2, conv_, norm,
+      x = stage(self.block, num_blocks, 64 * 2 ** i, 1 if i == 0 else 2, conv_, norm,
                 name=f'layer{i + 1}')(x)
       if self.deform == 'every_stage':
         x = self._deform(x, x.shape[-1], 3, 1, name=f'layer{i + 1}_deform', identity=True)
@@ -262,23 +278,23 @@ class ResNet(nn.Module):
 
 @registry.register('resnet18', head=HEAD, post_load=torchvision_post_load)
 def resnet18(num_classes=1000, *, bn_axis_name=None, dtype=jnp.float32,
-             deform='none', deform_init='random'):
+             deform='none', deform_init='random', remat=False):
   """torchvision resnet18: BasicBlocks [2, 2, 2, 2], pre_logits 512."""
   return ResNet((2, 2, 2, 2), BasicBlock, num_classes, bn_axis_name, dtype, deform,
-                deform_init)
+                deform_init, remat)
 
 
 @registry.register('resnet34', head=HEAD, post_load=torchvision_post_load)
 def resnet34(num_classes=1000, *, bn_axis_name=None, dtype=jnp.float32,
-             deform='none', deform_init='random'):
+             deform='none', deform_init='random', remat=False):
   """torchvision resnet34: BasicBlocks [3, 4, 6, 3], pre_logits 512."""
   return ResNet((3, 4, 6, 3), BasicBlock, num_classes, bn_axis_name, dtype, deform,
-                deform_init)
+                deform_init, remat)
 
 
 @registry.register('resnet50', head=HEAD, post_load=torchvision_post_load)
 def resnet50(num_classes=1000, *, bn_axis_name=None, dtype=jnp.float32,
-             deform='none', deform_init='random'):
+             deform='none', deform_init='random', remat=False):
   """torchvision resnet50: Bottlenecks [3, 4, 6, 3], pre_logits 2048."""
   return ResNet((3, 4, 6, 3), Bottleneck, num_classes, bn_axis_name, dtype, deform,
-                deform_init)
+                deform_init, remat)

@@ -40,6 +40,11 @@ converter's `encoder.pos_embedding` row calls it with the model's target shape.
 Intermediate token sequences for parity tests: `apply(..., capture_intermediates=True,
 mutable=['intermediates'])` records `intermediates/encoder/layers/encoder_layer_{i}/
 __call__` ([B, 197, 768]).
+
+Option `remat` (default False): activation checkpointing per encoder block
+(`RematEncoderBlock`): the backward pass recomputes each block's forward from its input
+instead of keeping its activations. Same parameter paths, same numbers (dropout
+masks included), less memory, about one more forward pass of compute per step.
 """
 
 from __future__ import annotations
@@ -125,9 +130,20 @@ class EncoderBlock(_BlockFields):
                         name='mlp')(y, train)
 
 
+# Activation checkpointing of one encoder block (option `remat`): `jax.checkpoint` with policy
+# None (nothing inside the block is saved for the backward pass, only its input [B, N, D]; its
+# forward, dropout masks included, runs again in the backward pass) and prevent_cse=True (else
+# XLA's CSE can merge the recomputation with the forward under jit). `train` is static:
+# static_argnums counts `self` (flax's nn.checkpoint subtracts 1), so `train` of
+# `__call__(self, x, train)` is 2, and must be passed positionally. The lifted module keeps
+# the name given at the call ('encoder_layer_{i}'), so parameter paths do not change.
+RematEncoderBlock = nn.remat(EncoderBlock, static_argnums=(2,), policy=None, prevent_cse=True)
+
+
 class _EncoderFields(_BlockFields):
-  """`_BlockFields` and the number of blocks."""
+  """`_BlockFields`, the number of blocks and whether each block is rematerialised."""
   num_layers: int = 12
+  remat: bool = False  # activation checkpointing per encoder block (`RematEncoderBlock`)
 
 
 class EncoderLayers(_EncoderFields):
@@ -135,8 +151,9 @@ class EncoderLayers(_EncoderFields):
 
   @nn.compact
   def __call__(self, x, train: bool = False):
+    block = RematEncoderBlock if self.remat else EncoderBlock
     for i in range(self.num_layers):
-      x = EncoderBlock(**self.fields_of(_BlockFields), name=f'encoder_layer_{i}')(x, train)
+      x = block(**self.fields_of(_BlockFields), name=f'encoder_layer_{i}')(x, train)
     return x
 
 
@@ -176,6 +193,7 @@ class VisionTransformer(nn.Module):
   attention_dropout: float = 0.0
   bn_axis_name: str | None = None  # pmap batch axis (dropout masks for the global batch)
   dtype: Any = jnp.float32
+  remat: bool = False  # activation checkpointing per encoder block
 
   def _check_input(self, x):
     if self.image_size % self.patch_size:
@@ -213,7 +231,8 @@ class VisionTransformer(nn.Module):
     x = jnp.concatenate([jnp.broadcast_to(jnp.asarray(cls, x.dtype), (b, 1, d)), x], axis=1)
     x = Encoder(num_layers=self.num_layers, num_heads=self.num_heads, mlp_dim=self.mlp_dim,
                 dropout=self.dropout, attention_dropout=self.attention_dropout,
-                dtype=self.dtype, axis_name=self.bn_axis_name, name='encoder')(x, train)
+                dtype=self.dtype, axis_name=self.bn_axis_name, remat=self.remat,
+                name='encoder')(x, train)
     pre_logits = x[:, 0]                                         # class token, [B, D]
     logits = Heads(self.num_classes, self.dtype, name='heads')(pre_logits)
     return promote(logits), {'pre_logits': promote(pre_logits)}
@@ -351,15 +370,17 @@ SIZES = {  # torchvision name -> its `_vision_transformer(...)` arguments
 def register(name: str, torchvision: str):
   """Registers torchvision's ViT `torchvision` (a key of `SIZES`) as `name`; returns its factory.
 
-  The factory takes `image_size` (a multiple of the patch size) and `dropout` as options
-  and builds a `VisionTransformer` whose pre_logits are [B, D].
+  The factory takes `image_size` (a multiple of the patch size), `dropout` and `remat`
+  (activation checkpointing per encoder block) as options and builds a `VisionTransformer`
+  whose pre_logits are [B, D].
   """
   size = SIZES[torchvision]
 
   def factory(num_classes=1000, *, bn_axis_name=None, dtype=jnp.float32,
-              image_size=224, dropout=0.0):
+              image_size=224, dropout=0.0, remat=False):
     return VisionTransformer(num_classes, image_size, **dataclasses.asdict(size),
-                             dropout=dropout, bn_axis_name=bn_axis_name, dtype=dtype)
+                             dropout=dropout, bn_axis_name=bn_axis_name, dtype=dtype,
+                             remat=remat)
 
   factory.__name__ = factory.__qualname__ = name
   factory.__doc__ = (f'torchvision {torchvision} ({size}) for [B, image_size, image_size, 3] '
