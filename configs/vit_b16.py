@@ -28,9 +28,9 @@ recipe, He et al. 2021: block i's lr x 0.75^(12 - i)). `train.steps=500` of batc
 every 100 steps (big_vision's `log_steps=100`);
 bfloat16 compute; 224 px, the resolution of the IN-1k weights (big_vision transfers at 384:
 `--config.data.image_size=384` resizes the position embedding, but takes ~3x the compute and ~4x the
-activation memory: ~80 GB at 224 px, ~330 GB at 384 px for batch 512, XLA's buffer sizes of the
-bfloat16 train step measured on CPU, so 384 needs `train.accum_steps` or `model.remat`:
-docs/benchmarks.md has the buffer sizes of each). On a GPU with less memory, keep the batch and set
+activation memory: 103 GiB at 224 px, 389 GiB at 384 px for batch 512, XLA's buffer sizes of the
+bfloat16 train step measured on CPU; with `train.accum_steps=8` 14 and 50 GiB; docs/benchmarks.md
+"Memory" has them, and `model.remat`'s). On a GPU with less memory, keep the batch and set
 `--config.train.accum_steps=N`: the same update as the whole batch (no BatchNorm here).
 """
 
