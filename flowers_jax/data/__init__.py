@@ -2,6 +2,7 @@
 
   ds = data.build(config.data, seed=config.seed)
   ds.num_classes, ds.class_names, ds.num_examples['train' | 'validation' | 'test']
+  for batch in ds.train_stream(global_batch, start_step=0, sampler='random'): ...  # endless
   for batch in ds.train_batches(global_batch, epoch, start_step=0, sampler='random'): ...
   for batch in ds.eval_batches('test', global_batch): ...
 
@@ -39,7 +40,10 @@ keys; defaults in ``flowers_jax.config.base_config()``):
 Determinism: epoch ``e``'s global order is ``np.random.default_rng([seed, e])``'s
 permutation (train drops the remainder) and each example's augmentation is a
 stateless function of ``(seed, e, position)``, so ``train_batches(..., start_step=k)``
-yields batches ``k..`` of the uninterrupted run, on any number of hosts.
+yields batches ``k..`` of the uninterrupted run, on any number of hosts. The training
+loop reads ``train_stream``: pass ``p`` of the split is epoch ``p``'s order taken whole,
+passes back to back (nothing dropped), seeds ``(seed, p, position)``; ``start_step=k``
+gives the stream's batches ``k..`` exactly.
 Samplers: 'random'; 'triplet' (the random anchors, each with a random positive of its
 class and a random negative of another class); 'pk' (P classes x K=pk_k images per
 batch). TensorFlow is imported lazily, only here, with its GPUs hidden.
