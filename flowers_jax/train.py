@@ -45,11 +45,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
 import time
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -294,15 +295,15 @@ class Best:
     self.state = None
 
   def offer(self, step: int, epoch: float, val_accuracy: float, ckpt_step: int,
-            host_state) -> bool:
-    """Records (and saves) `host_state` if `val_accuracy` beats the best; returns whether."""
+            host_state: Callable[[], Any]) -> bool:
+    """Records (and saves) `host_state()` if `val_accuracy` beats the best; returns whether."""
     if not val_accuracy > self.val_accuracy:
       return False
     self.step, self.epoch, self.val_accuracy = step, epoch, val_accuracy
     if self.checkpoints is None:
-      self.state = host_state
+      self.state = host_state()
     else:
-      self.checkpoints.save_best(ckpt_step, host_state, {
+      self.checkpoints.save_best(ckpt_step, host_state(), {
           'step': step, 'epoch': epoch, 'val_accuracy': val_accuracy}, wait=False)
     return True
 
@@ -426,10 +427,9 @@ def _build(config: ml_collections.ConfigDict, workdir: str) -> tuple[Run, TrainS
                             freeze=tc.freeze, head_pattern=spec.head,
                             no_decay=spec.no_weight_decay, model_name=config.model.name)
   tx = steps.accumulating(tx, tc.accum_steps, variables['params'])
-  counts = optim.describe(variables['params'],
-                          optim.trainable_mask(variables['params'], tc.freeze, spec.head))
-  bn_batch = batchnorm_uses_batch_stats(tc)
   trainable = optim.trainable_mask(variables['params'], tc.freeze, spec.head)
+  counts = optim.describe(variables['params'], trainable)
+  bn_batch = batchnorm_uses_batch_stats(tc)
   lr_scales = optim.describe_lr_scales(
       optim.lr_scales(variables['params'], config.optim, config.model.name), trainable)
   log(f'model {config.model.name}: {counts}; BatchNorm on '
@@ -495,13 +495,13 @@ def _checked(metrics: dict, step: int) -> dict:
   return metrics
 
 
-def _save_latest(run: Run, loop: Loop, state, t_start: float) -> None:
+def _save_latest(run: Run, loop: Loop, host_state: Callable[[], Any], t_start: float) -> None:
   """`latest` at this call, written asynchronously: the loop waits only for the previous save
-  and the copy of the state to the host."""
+  and the copy of the state to the host (`host_state()`)."""
   if run.checkpoints is None:
     return
   with loop.timing('checkpoint_wait'):
-    run.checkpoints.save_latest(loop.calls, run.strategy.get_state(state),
+    run.checkpoints.save_latest(loop.calls, host_state(),
                                 loop.meta(run, time.time() - t_start), wait=False)
 
 
@@ -538,12 +538,11 @@ def _train(run: Run, loop: Loop, state, best: Best, writer, t_start: float):
   in the same step's metrics and stops after the same call.
   """
   tc, strategy = run.config.train, run.strategy
-  stream = run.ds.train_stream(tc.batch_size // run.accum, start_step=loop.calls,
+  micro_images = tc.batch_size // run.accum
+  stream = run.ds.train_stream(micro_images, start_step=loop.calls,
                                sampler=losses.get(tc.loss).sampler, pk_k=tc.pk_k)
   batches = parallel.prefetch_to_device(_with_stop_flag(stream), strategy)
   pending = _Pending(loop)
-  progress = Progress(run, loop)
-  micro_images = tc.batch_size // run.accum
   while loop.step < run.total_steps:
     with loop.timing('input_wait'):
       batch = next(batches)
@@ -562,15 +561,17 @@ def _train(run: Run, loop: Loop, state, best: Best, writer, t_start: float):
     if boundary:
       loop.step += 1
       if not run.validates(loop.step):  # a validation says more
-        progress.step(pending.last)
+        _log_progress(run, loop, pending.last)
     validate = boundary and run.validates(loop.step)
     save = boundary and run.saves_latest(loop.step)
     if validate or save or pending.signum:
       pending.flush(strategy)
+      # The state on the host, copied once for `best` and `latest`, and only if one saves.
+      host_state = functools.cache(functools.partial(strategy.get_state, state))
     if validate:
-      _validate(run, loop, state, pending, best, writer, t_start)
+      _validate(run, loop, state, host_state, pending, best, writer, t_start)
     if save or pending.signum:
-      _save_latest(run, loop, state, t_start)
+      _save_latest(run, loop, host_state, t_start)
     if pending.signum:
       _exit_on_signal(run, loop, pending.signum)
   pending.flush(strategy)
@@ -578,34 +579,27 @@ def _train(run: Run, loop: Loop, state, best: Best, writer, t_start: float):
   return state
 
 
-class Progress:
+def _log_progress(run: Run, loop: Loop, last: dict | None) -> None:
   """A progress line every `train.log_every` steps: loss, images/s and the ETA, from the
   train-step time alone (`Loop.totals`: compile, validation, saves and input waits left out)."""
-
-  def __init__(self, run: Run, loop: Loop):
-    self.run, self.loop = run, loop
-
-  def step(self, last: dict | None) -> None:
-    run, loop = self.run, self.loop
-    if loop.step % run.config.train.log_every or last is None:
-      return
-    where = (f'step {loop.step}/{run.total_steps} (epoch {run.epochs(loop.step)}) '
-             f'loss {float(last["loss"]):.4f}')
-    totals = loop.totals()
-    rate = _rate(loop.train_images, totals['train_time'])
-    if rate is None:
-      log(where)
-      return
-    left = (run.total_steps - loop.step) * run.config.train.batch_size
-    log(f'{where} {rate:.1f} img/s ETA {_hms(left / rate)}')
+  if loop.step % run.config.train.log_every or last is None:
+    return
+  where = (f'step {loop.step}/{run.total_steps} (epoch {run.epochs(loop.step)}) '
+           f'loss {float(last["loss"]):.4f}')
+  rate = _rate(loop.train_images, loop.totals()['train_time'])
+  if rate is None:
+    log(where)
+    return
+  left = (run.total_steps - loop.step) * run.config.train.batch_size
+  log(f'{where} {rate:.1f} img/s ETA {_hms(left / rate)}')
 
 
 def _rate(images: int, seconds: float) -> float | None:
   return images / seconds if images > 0 and seconds > 0 else None
 
 
-def _validate(run: Run, loop: Loop, state, pending: _Pending, best: Best, writer,
-              t_start: float) -> None:
+def _validate(run: Run, loop: Loop, state, host_state: Callable[[], Any], pending: _Pending,
+              best: Best, writer, t_start: float) -> None:
   """Validation (of the EMA weights too), the metrics row, then `best` if improved."""
   with loop.timing('eval_time'):
     val = evaluate(run, state, 'validation').scalars
@@ -626,8 +620,7 @@ def _validate(run: Run, loop: Loop, state, pending: _Pending, best: Best, writer
          'wall_time_s': loop.earlier_wall_time + time.time() - t_start,
          'images_per_s': _rate(*since[:2]), 'input_wait_s': since[2]}
   with loop.timing('checkpoint_wait'):
-    improved = best.offer(loop.step, epoch, val['accuracy'], loop.calls,
-                          run.strategy.get_state(state))
+    improved = best.offer(loop.step, epoch, val['accuracy'], loop.calls, host_state)
   pending.avg = Averager()
   loop.train_sums = []
   loop.history.append(row)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from typing import Any, Iterator
 
 import numpy as np
@@ -170,13 +171,13 @@ class Dataset:
     """Host batches ``start_step, start_step + 1, ...`` of the endless train stream
     (``samplers.stream``: passes over the split back to back, nothing dropped; batch ``s``
     is a pure function of ``(seed, s)``, so a resume at ``start_step=s`` is exact)."""
-    labels = self.split('train').labels
-    kwargs = dict(start_step=start_step, k=pk_k)
-    first = next(samplers.stream(sampler, labels, global_batch, self.seed, **kwargs))
+    global_rows = samplers.stream(sampler, self.split('train').labels, global_batch, self.seed,
+                                  start_step=start_step, k=pk_k)
+    first = next(global_rows)  # its keys are the elements' (triplets add two)
     rows = lambda batch: samplers.host_rows({k: v[None] for k, v in batch.items()},
                                             self.process_index, self.process_count)
     host = ({k: v[0] for k, v in rows(batch).items()}
-            for batch in samplers.stream(sampler, labels, global_batch, self.seed, **kwargs))
+            for batch in itertools.chain([first], global_rows))
     store = self._store('train')
     b = global_batch // self.process_count
     ds = pipeline.train_stream_dataset(store, host, tuple(first), self.config, self.seed, b)

@@ -166,7 +166,8 @@ def stream(sampler: str, labels: np.ndarray, global_batch: int, seed: int,
     raise ValueError(f'Unknown sampler {sampler!r}; valid: {sorted(SAMPLERS)}.')
   if start_step < 0:
     raise ValueError(f'start_step must be >= 0, got {start_step}')
-  length = len(pass_order(sampler, labels, global_batch, seed, 0, k)['index'])
+  n = len(labels)
+  length = num_steps(n, global_batch) * global_batch if sampler == 'pk' else n  # of every pass
   pass_, offset = divmod(start_step * global_batch, length)
   pending: list[dict] = []
   have = 0
