@@ -79,6 +79,15 @@ matching, a state_dict is taken out of the dicts training scripts wrap it in
 'module.' prefixes are removed. A path that does not exist raises FileNotFoundError, a
 file torch cannot read or a directory that is no converted checkpoint a ValueError.
 
+Other formats: `load_weights`
+----------------------------
+`load_weights(name, spec, num_classes, ...)` takes a weights spec (`flowers_jax/weights.py`:
+'torchvision:PATH', 'timm:DIR' / 'timm:FILE' / 'timm:NAME', or a bare path recognised by its
+contents) and gives the same (variables, Report) with the same checks; timm weights are
+translated to torchvision keys by the per-family tables in weights.py (architectures this
+project does not rebuild exactly are refused) and `report.preprocessing` carries timm's
+pretrained_cfg (mean, std, interpolation, crop_pct, input_size) or None.
+
 Checkpoint directories
 ----------------------
 `scripts/convert_torchvision.py` writes converted variables as an orbax checkpoint
@@ -101,6 +110,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from flowers_jax import models
+from flowers_jax import weights as weights_lib
 
 Array = np.ndarray
 
@@ -167,17 +177,24 @@ def _takes_keyword(fn, name: str) -> bool:
 
 @dataclasses.dataclass
 class Report:
-  """What `torchvision_to_flax` did: torch keys loaded / dropped, Flax paths initialised."""
+  """What `torchvision_to_flax` / `load_weights` did: torch keys loaded / dropped (the keys of the
+  file read: timm's names for timm weights), Flax paths initialised; `load_weights` also sets
+  `source` (what it read, in which format) and `preprocessing` (`weights.preprocessing`'s dict
+  or None)."""
   model: str
   loaded: list[str] = dataclasses.field(default_factory=list)
   initialised: list[str] = dataclasses.field(default_factory=list)
   dropped: list[str] = dataclasses.field(default_factory=list)
+  source: str = ''
+  preprocessing: dict | None = None
 
   def summary(self) -> str:
+    read = (f' Read {self.source}; preprocessing: '
+            f'{weights_lib.describe_preprocessing(self.preprocessing)}.' if self.source else '')
     return (f'{self.model}: loaded {len(self.loaded)} torchvision tensors; '
             f'freshly initialised {len(self.initialised)} Flax leaves '
             f'{_short(self.initialised)}; dropped {len(self.dropped)} torch keys '
-            f'{_short(self.dropped)} (num_batches_tracked is always ignored).')
+            f'{_short(self.dropped)} (num_batches_tracked is always ignored).{read}')
 
 
 def _short(items: list[str], n: int = 6) -> str:
@@ -411,7 +428,12 @@ def _torchvision_keys(name: str, entries: Mapping[str, Entry], num_classes: int,
   return sorted(keys, key=lambda k: not entries[k].flax_paths[0].startswith('params/'))
 
 
-def _check_complete(name: str, required: list[str], report: Report) -> None:
+VALID_TORCHVISION = (f'a torchvision state_dict, possibly inside {"/".join(WRAPPER_KEYS)} '
+                     'dicts or with "module." prefixes')
+
+
+def _check_complete(name: str, required: list[str], report: Report,
+                    valid: str = VALID_TORCHVISION) -> None:
   """ValueError (one line) when a backbone tensor of `required` was not loaded."""
   loaded = set(report.loaded)
   missing = [k for k in required if k not in loaded]
@@ -419,9 +441,8 @@ def _check_complete(name: str, required: list[str], report: Report) -> None:
     raise ValueError(
         f'{name}: {len(missing)} of {len(required)} backbone tensors missing from the '
         f'weights, e.g. {_short(missing, 3)}; unused keys in the weights: '
-        f'{len(report.dropped)} {_short(report.dropped, 3)}. Valid: a torchvision '
-        f'state_dict, possibly inside {"/".join(WRAPPER_KEYS)} dicts or with "module." '
-        'prefixes; allow_partial=True (config init.allow_partial) loads what matches '
+        f'{len(report.dropped)} {_short(report.dropped, 3)}. Valid: {valid}; '
+        'allow_partial=True (config init.allow_partial) loads what matches '
         'and initialises the rest')
 
 
@@ -455,8 +476,16 @@ def torchvision_to_flax(name: str, state_dict, num_classes: int | None = None, *
   Returns:
     (variables {'params': ..., 'batch_stats': ...} of numpy/jax arrays, Report).
   """
+  return _to_flax(name, _read_state_dict(name, state_dict), num_classes, rng=rng,
+                  allow_partial=allow_partial, model_options=model_options)
+
+
+def _to_flax(name: str, source: Mapping[str, Array], num_classes: int | None, *, rng,
+             allow_partial: bool, model_options: Mapping[str, Any],
+             valid: str = VALID_TORCHVISION):
+  """`torchvision_to_flax` of a {torch key: numpy array} state_dict; `valid` says, in the
+  incomplete-weights error, what the weights should have been."""
   spec = models.spec(name)
-  source = _read_state_dict(name, state_dict)
   source = {_rename(k, spec.torch_aliases): v for k, v in source.items()
             if k.rsplit('.', 1)[-1] not in IGNORED_TORCH_LEAVES}
   if num_classes is None:
@@ -491,7 +520,8 @@ def torchvision_to_flax(name: str, state_dict, num_classes: int | None = None, *
     report.loaded.append(key)
 
   if not allow_partial:
-    _check_complete(name, _torchvision_keys(name, entries, num_classes, model_options), report)
+    _check_complete(name, _torchvision_keys(name, entries, num_classes, model_options), report,
+                    valid)
   report.initialised = [p for p in target if p not in out]
   if report.initialised:
     fresh = _init_missing(model, out, jax.random.PRNGKey(0) if rng is None else rng)
@@ -501,6 +531,71 @@ def torchvision_to_flax(name: str, state_dict, num_classes: int | None = None, *
     out = spec.post_load(out, tuple(report.initialised),
                          **{k: v for k, v in model_options.items() if k in wanted})
   return _unflatten(out), report
+
+
+# --- any weights format (flowers_jax/weights.py) ------------------------------------------
+
+def load_weights(model_name: str, spec, num_classes: int | None = None, *,
+                 rng: jax.Array | None = None, allow_partial: bool = False, **model_options):
+  """Flax variables for `models.create(model_name, ...)` from weights in any supported format.
+
+  Args:
+    model_name: the model trained ('vit_b16').
+    spec: a weights spec (`flowers_jax/weights.py`: 'torchvision:PATH', 'timm:DIR',
+      'timm:FILE', 'timm:NAME', 'timm:NAME:FILE' or a bare PATH recognised by its contents), or
+      a {key: array} state_dict (torchvision or timm keys, told apart by
+      `weights.detect_format`).
+    num_classes, rng, allow_partial, **model_options: as `torchvision_to_flax`: the same head
+      replacement ('dropped' + initialised), fresh leaves and refusal of partial loads.
+
+  Returns:
+    (variables, Report). timm weights are translated to torchvision keys first
+    (`weights.timm_to_torchvision`, which refuses architectures this project does not rebuild,
+    one-line ValueErrors); their report lists timm's own key names. `report.source` says what
+    was read in which format, `report.preprocessing` is timm's pretrained_cfg as
+    `weights.preprocessing` gives it, or None (torchvision weights, config-less files).
+  """
+  source, arrays = _read_weights(model_name, spec)
+  fmt = weights_lib.detect_format(arrays) if source.format == 'auto' else source.format
+  origin, valid = {}, VALID_TORCHVISION
+  if fmt == 'timm':
+    arrays, origin = weights_lib.timm_to_torchvision(
+        model_name, arrays, source, torch_shape=_torch_shape_of(model_name, model_options))
+    valid = (f"{source.describe('timm')}, its keys translated to torchvision's by "
+             'flowers_jax/weights.py')
+  variables, report = _to_flax(model_name, arrays, num_classes, rng=rng,
+                               allow_partial=allow_partial, model_options=model_options,
+                               valid=valid)
+  report.loaded = [origin.get(k, k) for k in report.loaded]
+  report.dropped = [origin.get(k, k) for k in report.dropped]
+  report.source = source.describe(fmt)
+  report.preprocessing = (weights_lib.source_preprocessing(model_name, source)
+                          if fmt == 'timm' else None)
+  return variables, report
+
+
+def _read_weights(name: str, spec) -> tuple[weights_lib.Source, dict[str, Array]]:
+  """(Source, {key: numpy array}) of a spec: safetensors without torch, the rest as
+  `_read_state_dict` reads it (torch files, converted directories)."""
+  if isinstance(spec, Mapping):
+    return weights_lib.Source('auto', 'given as a state_dict'), _state_dict_arrays(spec)
+  source = weights_lib.resolve(spec)
+  if source.path.endswith('.safetensors'):
+    return source, _state_dict_arrays(weights_lib.read_safetensors(source.path))
+  return source, _read_state_dict(name, source.path)
+
+
+def _torch_shape_of(name: str, model_options: Mapping[str, Any]) -> Callable[[str], tuple | None]:
+  """torch_shape(torch key) -> its shape in torchvision's layout for `models.create(name,
+  **model_options)`, None for keys the model lacks (e.g. the target position embedding)."""
+  def torch_shape(key: str) -> tuple | None:
+    target = _abstract_variables(models.create(name, **model_options))
+    entry = table(name, {p: v.shape for p, v in target.items()})[0].get(key)
+    if entry is None:
+      return None
+    zeros = (np.zeros(target[p].shape, np.float32) for p in entry.flax_paths)
+    return tuple(np.shape(entry.to_torch(*zeros)))
+  return torch_shape
 
 
 def flax_to_torchvision(name: str, variables, **model_options) -> dict[str, Array]:
