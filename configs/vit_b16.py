@@ -57,7 +57,9 @@ def get_config(arg=None):
   # Follows data.image_size (a linked field): a 224 checkpoint's position embedding is resized
   # (bicubic) when loaded into a model of another size.
   c.model.image_size = c.data.get_ref('image_size')
-  c.data.interpolation = 'bilinear'  # torchvision ViT_B_16_Weights.IMAGENET1K_V1 eval preset
+  # data.interpolation, mean, std are left to the weights: torchvision's vit_b_16
+  # (IMAGENET1K_V1: bilinear, ImageNet mean / std, the defaults) or a timm checkpoint's own
+  # pretrained_cfg (the augreg ViTs: bicubic, mean = std = 0.5, crop 0.9).
   c.optim.lr = 0.003
   c.optim.warmup_steps = 100
   c.optim.clip_norm = 1.0

@@ -161,7 +161,7 @@ def _first_mismatch(saved: PyTree, target: PyTree) -> str | None:
   return None
 
 
-def _all_processes(ok: bool) -> bool:
+def all_processes(ok: bool) -> bool:
   """True when `ok` holds on every process (the same answer on each)."""
   return _least_over_processes([int(ok)])[0] == 1
 
@@ -171,6 +171,16 @@ class _DropUnretrieved(logging.Filter):
 
   def filter(self, record: logging.LogRecord) -> bool:
     return 'exception was never retrieved' not in str(record.msg)
+
+
+class _DropSaveWaitWarning(logging.Filter):
+  """Drops orbax's "Waiting for previous save to complete took N seconds" warning: orbax adds
+  our own `wait()` before each save (which keeps `best` ahead of `latest`) to that count, and a
+  busy machine crossed its 1 s threshold on stderr (CI); the loop reports the time it blocked
+  on saves itself (results.json `checkpoint_wait_s`)."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith('Waiting for previous save to complete took')
 
 
 def _closed_loop(e: BaseException | None) -> bool:
@@ -210,6 +220,7 @@ def _install_echo_filters() -> None:
   """Once per process: drop the echoes of a failed orbax operation (see `_quiet_failures`)."""
   logging.getLogger('asyncio').addFilter(_DropUnretrieved())
   logging.getLogger('absl').addFilter(_ORBAX_LOGS)
+  logging.getLogger('absl').addFilter(_DropSaveWaitWarning())
   unraisable, excepthook = sys.unraisablehook, sys.excepthook
   sys.unraisablehook = lambda u: None if _echo_of_a_failure(u) else unraisable(u)
   sys.excepthook = lambda t, e, tb: None if _closed_loop(e) else excepthook(t, e, tb)
@@ -496,7 +507,7 @@ class Checkpointer:
         restored, problem = self._restore_step(self._latest, step, target, check, parts), None
       except CheckpointDamagedError as e:
         restored, problem = None, str(e)
-      if _all_processes(restored is not None):
+      if all_processes(restored is not None):
         if damaged:
           say(f'resuming from the older {self._latest.directory}/{step}')
         return restored

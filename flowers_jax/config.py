@@ -39,7 +39,12 @@ BASE: dict[str, Any] = {
         'remat': False,
     },
     'init': {
-        'torchvision': '',  # .pth state_dict or converted checkpoint dir; '' = random init
+        # Pretrained weights (convert.load_weights): 'torchvision:PATH' (.pth state_dict or
+        # converted checkpoint dir), 'timm:DIR' (Hugging Face layout: model.safetensors +
+        # timm's config.json), 'timm:NAME' (the local Hugging Face cache), 'timm:FILE'
+        # (.safetensors / .pth), or a bare path of a recognised format; '' = random init.
+        'weights': '',
+        'torchvision': '',  # shorthand of weights='torchvision:PATH'
         'allow_partial': False,  # True: load a state_dict that covers only part of the backbone
         'zero_head': False,  # True: the classifier head starts at zero (big_vision's transfer)
     },
@@ -54,11 +59,22 @@ BASE: dict[str, Any] = {
         'pp_train': 'rrc_flip',
         'pp_eval': 'center_crop',
         'eval_resize': 0,  # 0: round(image_size * 256 / 224)
-        'interpolation': 'bilinear',
+        # '' (and () for mean / std): the weights' preprocessing (timm pretrained_cfg) when
+        # init.weights has one, else bilinear and ImageNet's mean / std. config.json records
+        # the values used; predict and export follow them.
+        'interpolation': '',
+        'mean': (),  # per-channel mean of [0, 1] pixels, e.g. (0.485, 0.456, 0.406)
+        'std': (),
         'skip_corrupt': False,
         'cache': True,
         'threads': 0,  # 0: tf.data AUTOTUNE
         'prefetch': 2,
+        # Where train augmentation runs: 'host' (tf.data; uint8 batches, normalised on the
+        # device), 'device' (the split decoded once, held as uint8 on the accelerators and
+        # augmented there: data/device_pp.py), 'auto' (device when the split fits
+        # DEVICE_CACHE_SHARE of device memory and every train op has a device version).
+        'on_device': 'auto',
+        'device_cache_size': 0,  # shorter side of the images held on the device; 0: 2 x image_size
     },
     'train': {
         # How long: `steps` optimizer steps, or (steps=0) `epochs` passes of the train split

@@ -131,6 +131,9 @@ RULES: tuple[Rule, ...] = (
     Rule('model.num_classes', _int_at_least(2), 'an integer >= 2'),
     Rule('init.torchvision', _existing_path_or_empty,
          "'' (random init) or an existing .pth file / converted-weights directory"),
+    Rule('init.weights', lambda v, c: isinstance(v, str) and not (v and c.init.torchvision),
+         "a weights spec ('torchvision:PATH', 'timm:DIR', 'timm:NAME', 'timm:FILE' or a path),"
+         " or '' (random init); not together with init.torchvision (its shorthand)"),
     Rule('init.allow_partial', _is_bool, 'True or False'),
     Rule('init.zero_head', _is_bool, 'True or False'),
     Rule('model.remat', _is_bool, 'True or False'),

@@ -29,13 +29,13 @@ Adding one: a `device` and a `result` function and one `register(Evaluator(...))
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flowers_jax import parallel
+from flowers_jax import normalization, parallel
 from flowers_jax.precision import promote
 
 Array = jax.Array
@@ -165,16 +165,19 @@ register(Evaluator('embedding', _embedding_device, _embedding_result, reference_
 
 
 def make_eval_step(model, evaluators: tuple[Evaluator, ...], evals_cfg: Any, *,
-                   axis_name: str | None):
+                   axis_name: str | None, mean: Sequence[float] = normalization.IMAGENET_MEAN,
+                   std: Sequence[float] = normalization.IMAGENET_STD):
   """Returns `eval_step(state, batch) -> {'sums': {...}, 'rows': {...}}` for `evaluators`.
 
-  batch: `image [B, H, W, 3]`, `label [B]`, `mask [B]` (0 for padding rows).
+  batch: `image [B, H, W, 3]` (uint8: normalised here with `mean` / `std`; float: taken as
+  normalised), `label [B]`, `mask [B]` (0 for padding rows).
   """
   def gather(x):
     return jax.lax.all_gather(x, axis_name, tiled=True) if axis_name else x
 
   def eval_step(state, batch: dict):
-    logits, out = model.apply(state.variables, batch['image'], train=False)
+    images = normalization.normalize(batch['image'], mean, std)
+    logits, out = model.apply(state.variables, images, train=False)
     logits, pre_logits = promote(logits), promote(out['pre_logits'])
     sums, rows = {}, {}
     for e in evaluators:

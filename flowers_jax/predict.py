@@ -6,7 +6,8 @@ r"""Top-k class names for image files, from a run's best checkpoint.
 Reads the run's `config.json` (model, dtype, image size, interpolation), restores
 `checkpoints/best` (or `checkpoints/latest`, saying so, when the run has no best yet) and
 sends every image through the run's own eval transform (`data.pipeline`: shorter side
--> `data.eval_resize`, center crop `data.image_size`, ImageNet mean/std) in batches.
+-> `data.eval_resize`, center crop `data.image_size`, then `data.mean` / `data.std` on the
+device) in batches.
 A directory argument stands for the image files under it (recursively, sorted). An
 unreadable image is named on one line of stderr and skipped; the exit status is non-zero
 only when no image could be predicted.
@@ -22,7 +23,7 @@ Library use (also by scripts/report.py):
 
   run = predict.load_run('runs/r18_ft')          # Run: config, model, variables, names
   preds, errors = predict.predict_files(run, ['a.jpg', 'b.png'], top=5, batch=32)
-  logits = run.logits(images)                     # [B, S, S, 3] normalised -> [B, classes]
+  logits = run.logits(images)      # [B, S, S, 3] uint8 eval view (or normalised) -> [B, classes]
 """
 
 from __future__ import annotations
@@ -62,12 +63,22 @@ class Run:
   names_from: str
   _apply: Callable | None = None
 
+  @property
+  def mean_std(self) -> tuple[tuple, tuple]:
+    """The run's normalisation (`data.mean`, `data.std`, resolved as training resolved it)."""
+    from flowers_jax.data import dataset
+    cfg = dataset.DataConfig.parse(self.config.data)
+    return cfg.mean, cfg.std
+
   def logits(self, images: np.ndarray) -> np.ndarray:
-    """float32 [B, S, S, 3] (normalised) -> float32 [B, num_classes]."""
+    """[B, S, S, 3] in the eval view -> float32 [B, num_classes]: uint8 pixels are normalised
+    with the run's mean / std (`normalization.normalize`), floats taken as normalised."""
     if self._apply is None:
       import jax
-      model = self.model
-      self._apply = jax.jit(lambda v, x: model.apply(v, x, train=False)[0].astype('float32'))
+      from flowers_jax import normalization
+      model, (mean, std) = self.model, self.mean_std
+      self._apply = jax.jit(lambda v, x: model.apply(
+          v, normalization.normalize(x, mean, std), train=False)[0].astype('float32'))
     return np.asarray(self._apply(self.variables, images))
 
 
@@ -75,8 +86,11 @@ class Run:
 
 
 def load_config(workdir: str):
-  """The run's `config.json` as a ConfigDict."""
+  """The run's `config.json` as a ConfigDict, over `config.BASE`: a key an older run's file
+  lacks has its default, which is what that run did (e.g. `data.mean` / `data.std` (): the
+  ImageNet values every run used before the keys existed)."""
   import ml_collections
+  from flowers_jax import config as config_lib
   path = os.path.join(workdir, 'config.json')
   if not os.path.isdir(workdir):
     raise PredictError(f'run directory {workdir!r} does not exist')
@@ -84,7 +98,18 @@ def load_config(workdir: str):
     raise PredictError(f'{path} not found: --workdir must be a directory written by '
                        'flowers_jax.main')
   with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+    return ml_collections.ConfigDict(_over_defaults(config_lib.BASE, json.load(f)))
+
+
+def _over_defaults(defaults: dict, saved: dict) -> dict:
+  """`saved` with the keys it lacks taken from `defaults`, section by section."""
+  out = dict(saved)
+  for k, v in defaults.items():
+    if k not in out:
+      out[k] = v
+    elif isinstance(v, dict) and isinstance(out[k], dict):
+      out[k] = _over_defaults(v, out[k])
+  return out
 
 
 # ----------------------------------------------------------------- class names
@@ -259,7 +284,7 @@ def eval_batches(config, split, batch: int):
   """The run's eval transform over the files of `split`, read and decoded by tf.data (a
   store of decoded arrays would be kept alive by TensorFlow's numpy_function registry).
 
-  Yields (positions [b], float32 [b, S, S, 3])."""
+  Yields (positions [b], uint8 [b, S, S, 3]: `Run.logits` normalises them)."""
   from flowers_jax.data import dataset, pipeline, samplers
   cfg = dataset.DataConfig.parse(config.data)
   plan = samplers.eval_plan(len(split), batch)

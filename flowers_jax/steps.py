@@ -16,7 +16,7 @@ global array and every mean is already global). The eval step is `evaluators.mak
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import flax
 import flax.linen as nn
@@ -26,7 +26,7 @@ import ml_collections
 import optax
 
 from flowers_jax import ema as ema_lib
-from flowers_jax import losses, mixing
+from flowers_jax import losses, mixing, normalization
 from flowers_jax.parallel import reduce_max, reduce_mean, reduce_sum
 
 PyTree = Any
@@ -109,13 +109,16 @@ def _forward(model: nn.Module, variables: dict, images: jnp.ndarray, *, train: b
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
                     train_cfg: ml_collections.ConfigDict, *, axis_name: str | None,
-                    bn_train: bool = True):
+                    bn_train: bool = True, mean: Sequence[float] = normalization.IMAGENET_MEAN,
+                    std: Sequence[float] = normalization.IMAGENET_STD):
   """Returns `train_step(state, batch) -> (state, metrics)`.
 
   batch: `image [B, H, W, 3]`, `label [B]`, `mask [B]`, optionally `stop [B]` (the host's
   stop-signal number, 0 for none); losses with `extra_inputs` (`losses.LOSSES`)
   also read `positive`/`negative [B, H, W, 3]`, which go through the model in the same
-  forward pass as the anchors.
+  forward pass as the anchors. uint8 images are normalised first with `mean` / `std`
+  (`normalization.normalize`: the data set's `data.mean` / `data.std`); float ones are taken
+  as normalised.
   bn_train: BatchNorm on batch statistics, updating the running ones (torch `train()`), or on
     the running statistics, kept as they are (torch `eval()`); see `train.batchnorm_mode`.
 
@@ -166,6 +169,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
 
   def train_step(state: TrainState, batch: dict):
     rng = _step_rng(state)
+    batch = normalization.normalize_batch(batch, mean, std)
     if mixes:
       batch = mixed(batch, rng)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)

@@ -19,7 +19,9 @@ into `workdir`:
                   val_recall_at_5; with EMA also val_ema_<scalar>), lr (the rate of the last
                   step), wall_time_s (since the run began), images_per_s (train steps only,
                   since the previous row), input_wait_s (blocked waiting for batches, since
-                  the previous row)
+                  the previous row), host_overhead_s (train time the host spent on its own
+                  work: Python, dispatch, metric bookkeeping, handing batches over; not
+                  waiting for the device or the input; since the previous row)
   checkpoints/    orbax: `best` (by val accuracy, its meta the one record of the best step)
                   written before `latest` (on the cadence, and on SIGTERM/Ctrl-C)
   curves.png      train / validation accuracy against steps
@@ -29,7 +31,9 @@ into `workdir`:
                   (`train.test_checkpoint`), steps / epochs / images_seen / validations, where
                   the wall time went (`train_time_s`: train steps, `eval_time_s`,
                   `checkpoint_wait_s`: the loop blocked by saves, `input_wait_s`: blocked
-                  waiting for a batch, `compile_time_s`; `wall_time_s` all of it), train
+                  waiting for a batch, `compile_time_s`; `wall_time_s` all of it; inside
+                  train_time: `device_wait_s` (blocked reading a step's metrics) and
+                  `host_overhead_s`, the rest), train
                   images/s (train steps only) and, on GPU/TPU, the model-FLOPs utilisation
                   (`train_mfu`, `flops.py`), parameter counts
   tensorboard events (clu metric writers)
@@ -104,9 +108,58 @@ def batchnorm_uses_batch_stats(train_cfg: ml_collections.ConfigDict) -> bool:
   return mode == 'batch'
 
 
+def weights_spec(init_cfg: ml_collections.ConfigDict) -> str:
+  """`init.weights`, or its shorthand `init.torchvision` as 'torchvision:PATH'; '' for none."""
+  if init_cfg.torchvision:
+    return f'torchvision:{init_cfg.torchvision}'
+  return init_cfg.weights
+
+
+# data keys the weights' preprocessing fills when the config leaves them at their "auto" value
+_AUTO_DATA = {'mean': (), 'std': (), 'interpolation': '', 'eval_resize': 0}
+
+
+def resolve_preprocessing(config: ml_collections.ConfigDict) -> str | None:
+  """Fills `data.mean`, `data.std`, `data.interpolation` and `data.eval_resize` where the
+  config leaves them at their auto value ((), (), '', 0): from the weights' own preprocessing
+  (a timm `pretrained_cfg`: `weights.preprocessing`), else mean / std / interpolation from
+  `data.DataConfig.parse`'s defaults (ImageNet's, bilinear; eval_resize stays 0: 256/224 of
+  the crop). Values the config sets explicitly win. The filled config is what config.json
+  records, so predict and export follow it. Returns what the weights set, as a sentence."""
+  from flowers_jax.data import dataset  # no TensorFlow: the data config's defaults
+  d = config.data
+  spec = weights_spec(config.init)
+  pre = None
+  if spec:
+    from flowers_jax import weights  # reads a config.json (or timm's registry): no torch
+    pre = weights.preprocessing(config.model.name, spec)
+  if pre:
+    given = {'mean': tuple(pre['mean']), 'std': tuple(pre['std']),
+             'interpolation': pre['interpolation'],
+             'eval_resize': int(math.floor(d.image_size / pre['crop_pct']))}
+  else:
+    defaults = dataset.DataConfig.parse({**d.to_dict(), 'mean': (), 'std': (),
+                                         'interpolation': ''})
+    given = {k: getattr(defaults, k) for k in ('mean', 'std', 'interpolation')}
+  taken = {k: v for k, v in given.items() if _is_auto(d[k], _AUTO_DATA[k])}
+  for k, v in taken.items():
+    d[k] = v
+  if not pre:
+    return None
+  kept = sorted(set(given) - set(taken))
+  return (f'preprocessing from {pre["source"]}: '
+          + ', '.join(f'data.{k}={v}' for k, v in taken.items())
+          + (f' (crop {pre["crop_pct"]})' if 'eval_resize' in taken else '')
+          + (f'; kept the config\'s {", ".join("data." + k for k in kept)}' if kept else ''))
+
+
+def _is_auto(value: Any, auto: Any) -> bool:
+  return value == auto or (isinstance(auto, tuple) and not auto and len(value) == 0)
+
+
 def initial_variables(config: ml_collections.ConfigDict, model, image_size: int) -> dict:
-  """Random init, or torchvision weights converted (`init.torchvision`: .pth or converted
-  dir); with `init.zero_head` the head's kernel and bias start at zero."""
+  """Random init, or pretrained weights converted (`init.weights` / `init.torchvision`:
+  `convert.load_weights`); with `init.zero_head` the head's kernel and bias start at zero."""
   variables = _loaded_or_random(config, model, image_size)
   if config.init.zero_head:
     head = models.spec(config.model.name).head
@@ -115,10 +168,11 @@ def initial_variables(config: ml_collections.ConfigDict, model, image_size: int)
 
 
 def _loaded_or_random(config: ml_collections.ConfigDict, model, image_size: int) -> dict:
-  if config.init.torchvision:
+  spec = weights_spec(config.init)
+  if spec:
     from flowers_jax import convert  # torch only needed for .pth files
-    variables, report = convert.torchvision_to_flax(
-        config.model.name, config.init.torchvision, num_classes=config.model.num_classes,
+    variables, report = convert.load_weights(
+        config.model.name, spec, num_classes=config.model.num_classes,
         rng=jax.random.key(config.seed), allow_partial=config.init.allow_partial,
         **model_options(config.model))
     log(report.summary())
@@ -265,6 +319,7 @@ class Run:
   eval_every: int = 0
   checkpoint_every: int = 0
   accum: int = 1
+  augment: Any = None  # device_pp.Augmenter: train augmentation on the device (data.on_device)
 
   def epochs(self, step: int) -> float:
     """Passes over the train split's steps after `step` optimizer steps (an int when whole)."""
@@ -310,6 +365,16 @@ class Best:
 
 # Where a run's wall time goes (results.json `<bucket>_s`); `train_time` is the rest.
 TIME_BUCKETS = ('compile_time', 'eval_time', 'checkpoint_wait', 'input_wait')
+# Inside `train_time`: blocked reading a step's metrics, i.e. waiting for the device. The rest
+# of train_time is the host's own work per step (`host_overhead`: Python, dispatch, metric
+# bookkeeping, handing batches to the device), which a fast device waits on.
+DEVICE_WAIT = 'device_wait'
+ROW_MARKS = ('train_images', 'train_time', 'input_wait', DEVICE_WAIT)
+
+
+def host_overhead(totals: dict) -> float:
+  """Seconds of `train_time` the host spent on its own work, not waiting for the device."""
+  return max(totals['train_time'] - totals[DEVICE_WAIT], 0.0)
 
 
 @dataclasses.dataclass
@@ -320,13 +385,13 @@ class Loop:
   train_sums: list = dataclasses.field(default_factory=list)  # since the last validation
   history: list = dataclasses.field(default_factory=list)
   times: dict = dataclasses.field(
-      default_factory=lambda: dict.fromkeys(TIME_BUCKETS + ('train_time',), 0.0))
+      default_factory=lambda: dict.fromkeys(TIME_BUCKETS + ('train_time', DEVICE_WAIT), 0.0))
   train_images: int = 0           # images of the timed train steps (compile step excluded)
   earlier_wall_time: float = 0.0  # seconds spent by the processes before a resume
   compiled: bool = False          # this process has compiled (and run) the train step
   started: float | None = None    # this process's loop start (None: not training)
   at_start: dict = dataclasses.field(default_factory=dict)  # `times` at `started`
-  row_mark: tuple = (0, 0.0, 0.0)  # (train_images, train_time, input_wait) at the last row
+  row_mark: tuple = (0, 0.0, 0.0, 0.0)  # `ROW_MARKS` at the last metrics row
 
   def start(self) -> None:
     self.started, self.at_start = time.time(), dict(self.times)
@@ -393,6 +458,40 @@ def _check_splits(ds, data_cfg: ml_collections.ConfigDict) -> None:
         'per-class accuracy is null and they count in no accuracy')
 
 
+def _input_path(ds, strategy) -> tuple[Any, str]:
+  """(a `device_pp.Augmenter`, or None for the host path; the log line saying which and why).
+
+  `data.on_device`: 'host' (tf.data augments; uint8 batches, normalised on the device),
+  'device' (the train split decoded once and held on every device as uint8,
+  `data.device_cache`; augmented there, `data.device_pp`; refused with one line when
+  pp_train has an op with no device version), 'auto' (device on an accelerator when every op
+  has a device version and the split takes at most `DEVICE_CACHE_SHARE` of a device's
+  memory on every process; on CPU the host path, which is faster there: docs/benchmarks.md).
+  """
+  from flowers_jax.data import device_cache, device_pp, pp
+  cfg = ds.config
+  if cfg.on_device == 'host':
+    return None, 'input: host (data.on_device=host): tf.data augments, uint8 batches'
+  pipe = pp.from_config(cfg, 'pp_train')
+  missing = device_pp.unsupported(pipe)
+  if missing and cfg.on_device == 'device':
+    raise ValueError(f'data.on_device=device: {missing}')
+  if missing:
+    return None, f'input: host (data.on_device=auto; {missing[:-1]} for the device path)'
+  if cfg.on_device == 'auto' and jax.default_backend() == 'cpu':
+    return None, ('input: host (data.on_device=auto on CPU: tf.data is the faster path there;'
+                  ' data.on_device=device forces the device path)')
+  cache = ds.device_cache('train')
+  limit, where = device_cache.device_memory()
+  size = f'{cache.nbytes / 2**20:.0f} MiB of uint8 (shorter side <= {cfg.device_cache_size})'
+  if cfg.on_device == 'auto' and not ckpt_lib.all_processes(device_cache.fits(cache.nbytes)):
+    return None, (f'input: host (data.on_device=auto: the train split takes {size}, more than'
+                  f' {device_cache.DEVICE_CACHE_SHARE:.0%} of {limit / 2**30:.1f} GiB, {where})')
+  return device_pp.Augmenter(cache, pipe, strategy), (
+      f'input: device (data.on_device={cfg.on_device}): the train split held on each device,'
+      f' {size}; augmented there')
+
+
 def _build(config: ml_collections.ConfigDict, workdir: str) -> tuple[Run, TrainState]:
   """Data, model, initial state, optimizer and the compiled steps."""
   from flowers_jax import data  # tensorflow only from here on (data imports it safely)
@@ -434,16 +533,19 @@ def _build(config: ml_collections.ConfigDict, workdir: str) -> tuple[Run, TrainS
       optim.lr_scales(variables['params'], config.optim, config.model.name), trainable)
   log(f'model {config.model.name}: {counts}; BatchNorm on '
       f'{"batch" if bn_batch else "running"} statistics; {lr_scales}')
+  augment, said = _input_path(ds, strategy)
+  log(said)
+  pixels = dict(mean=ds.config.mean, std=ds.config.std)  # uint8 batches, normalised on device
   train_step = strategy.compile(steps.make_train_step(
-      model, tx, tc, axis_name=strategy.axis_name, bn_train=bn_batch))
+      model, tx, tc, axis_name=strategy.axis_name, bn_train=bn_batch, **pixels))
   evals = evaluators.get(config.evals.names)
   eval_step = strategy.compile(evaluators.make_eval_step(
-      model, evals, config.evals, axis_name=strategy.axis_name), donate_state=False)
+      model, evals, config.evals, axis_name=strategy.axis_name, **pixels), donate_state=False)
   run = Run(config, workdir, ds, strategy, model, tx,
             optim.make_schedule(config.optim, total_steps), train_step, eval_step, evals,
             ckpt_lib.Checkpointer(workdir) if tc.checkpoint else None, steps_per_epoch, counts,
             total_steps=total_steps, eval_every=eval_every,
-            checkpoint_every=tc.checkpoint_every_steps, accum=tc.accum_steps)
+            checkpoint_every=tc.checkpoint_every_steps, accum=tc.accum_steps, augment=augment)
   return run, TrainState.create(variables, tx, config.seed, ema=tc.ema_decay > 0)
 
 
@@ -463,7 +565,7 @@ def _resume(run: Run, state: TrainState) -> tuple[Loop, TrainState]:
       loop.times[k] = float(totals.get(k, 0.0))
     loop.train_images = int(totals.get('train_images', 0))
     loop.earlier_wall_time = float(totals.get('wall_time', 0.0))
-    loop.row_mark = (loop.train_images, loop.times['train_time'], loop.times['input_wait'])
+    loop.row_mark = tuple(loop.totals()[k] for k in ROW_MARKS)
   loop.calls = int(state.step)
   loop.step = loop.calls // run.accum
   if restored is not None:
@@ -522,7 +624,9 @@ class _Pending:
   def flush(self, strategy) -> None:
     if self.metrics is None:
       return
-    self.last = _checked(strategy.get_metrics(self.metrics), self.call)
+    with self.loop.timing(DEVICE_WAIT):
+      metrics = strategy.get_metrics(self.metrics)
+    self.last = _checked(metrics, self.call)
     self.avg.add(self.last)
     self.signum = self.signum or int(self.last['stop'])
     self.metrics = None
@@ -532,16 +636,20 @@ class _Pending:
 def _train(run: Run, loop: Loop, state, best: Best, writer, t_start: float):
   """Runs the steps left, validating and saving on the run's cadence; returns the state.
 
-  The input is one stream for the whole run (`Dataset.train_stream`, microbatches of
+  The input is one stream for the whole run (`Dataset.train_stream`, or with the device path
+  `device_train_stream` + `run.augment`: `_input_path`; microbatches of
   `batch_size / accum` rows), started at this call. A stop signal travels with the batches
   (`_with_stop_flag`); the step returns the largest over all hosts, so every process sees it
   in the same step's metrics and stops after the same call.
   """
   tc, strategy = run.config.train, run.strategy
   micro_images = tc.batch_size // run.accum
-  stream = run.ds.train_stream(micro_images, start_step=loop.calls,
-                               sampler=losses.get(tc.loss).sampler, pk_k=tc.pk_k)
+  make_stream = run.ds.train_stream if run.augment is None else run.ds.device_train_stream
+  stream = make_stream(micro_images, start_step=loop.calls,
+                       sampler=losses.get(tc.loss).sampler, pk_k=tc.pk_k)
   batches = parallel.prefetch_to_device(_with_stop_flag(stream), strategy)
+  if run.augment is not None:  # the pixels made on the device, from the cache and the draws
+    batches = map(run.augment, batches)
   pending = _Pending(loop)
   while loop.step < run.total_steps:
     with loop.timing('input_wait'):
@@ -610,15 +718,16 @@ def _validate(run: Run, loop: Loop, state, host_state: Callable[[], Any], pendin
         'stopped without saving it and the last good checkpoint is kept')
   epoch = run.epochs(loop.step)
   totals = loop.totals()
-  mark = (loop.train_images, totals['train_time'], totals['input_wait'])
-  since = [now - then for now, then in zip(mark, loop.row_mark)]
+  mark = tuple(totals[k] for k in ROW_MARKS)
+  since = dict(zip(ROW_MARKS, (now - then for now, then in zip(mark, loop.row_mark))))
   loop.row_mark = mark
   row = {'step': loop.step, 'images_seen': loop.step * run.config.train.batch_size,
          'epoch': epoch, **pending.avg.result(), **{f'val_{k}': v for k, v in val.items()},
          **{f'val_ema_{k}': v for k, v in ema.items()},
          'lr': float(run.schedule(loop.step - 1)),
          'wall_time_s': loop.earlier_wall_time + time.time() - t_start,
-         'images_per_s': _rate(*since[:2]), 'input_wait_s': since[2]}
+         'images_per_s': _rate(since['train_images'], since['train_time']),
+         'input_wait_s': since['input_wait'], 'host_overhead_s': host_overhead(since)}
   with loop.timing('checkpoint_wait'):
     improved = best.offer(loop.step, epoch, val['accuracy'], loop.calls, host_state)
   pending.avg = Averager()
@@ -671,7 +780,8 @@ def _finish(run: Run, loop: Loop, state, best: Best, t_start: float) -> dict:
       'images_seen': run.total_steps * config.train.batch_size,
       'validations': len(loop.history),
       'wall_time_s': loop.earlier_wall_time + time.time() - t_start,
-      **{f'{k}_s': totals[k] for k in TIME_BUCKETS + ('train_time',)},
+      **{f'{k}_s': totals[k] for k in TIME_BUCKETS + ('train_time', DEVICE_WAIT)},
+      'host_overhead_s': host_overhead(totals),
       'train_images_per_s': _rate(loop.train_images, totals['train_time']),
       'devices': jax.device_count(), 'parallel': config.parallel, **run.counts,
   }
@@ -697,6 +807,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """
   t_start = time.time()
   config_checks.validate(config)
+  said = resolve_preprocessing(config)
+  if said:
+    log(said)
   with WorkdirLock(workdir):  # before anything in the workdir is read or written
     try:
       return _train_and_evaluate(config, workdir, t_start)

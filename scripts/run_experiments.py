@@ -196,7 +196,9 @@ def config_changes(cmd: list[str], workdir: str) -> list[str]:
     return ['config.json (missing)']
   with open(path) as f:
     saved = json.load(f)
-  return list(train.config_changes(saved, config_utils.config_from_argv(cmd)))
+  config = config_utils.config_from_argv(cmd)
+  train.resolve_preprocessing(config)  # as the run resolved it before writing config.json
+  return list(train.config_changes(saved, config))
 
 
 def run_one(model: str, variant: str, args, data_dir: str, env: dict) -> tuple[str, int]:

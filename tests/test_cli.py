@@ -15,7 +15,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from flowers_jax import config_utils, data, train
+from flowers_jax import config_utils, data, normalization, train
 from flowers_jax.config import base_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -219,7 +219,8 @@ def best_test_accuracy(workdir) -> float:
   batch = next(ds.eval_batches('test', ds.num_examples['test']))
   logits, _ = train.create_model(config).apply(
       {'params': state['params'], 'batch_stats': state['batch_stats']},
-      batch['image'], train=False)  # (logits [B, C], {'pre_logits': [B, D]})
+      normalization.normalize(batch['image'], config.data.mean, config.data.std),
+      train=False)  # (logits [B, C], {'pre_logits': [B, D]})
   return float((np.argmax(np.asarray(logits), -1) == batch['label']).mean())
 
 

@@ -55,18 +55,18 @@ def test_splits_and_labels_match_the_mat_files(fake_dir):
   batch = next(ds.eval_batches('validation', 10))
   np.testing.assert_array_equal(batch['id'], setid['valid'][0])
   np.testing.assert_array_equal(batch['label'], labels[setid['valid'][0] - 1] - 1)
-  assert batch['image'].shape == (10, 32, 32, 3) and batch['image'].dtype == np.float32
+  assert batch['image'].shape == (10, 32, 32, 3) and batch['image'].dtype == np.uint8
 
 
 def _train_epoch_ids(ds, batch_size, epoch=0):
   """(example ids, labels) of epoch `epoch`'s train rows, in order: without augmentation a
   train image is its eval view, so each row is matched to the eval image it equals."""
   views = next(ds.eval_batches('train', ds.num_examples['train']))
-  flat_views = views['image'].reshape(len(views['id']), -1)
+  flat_views = views['image'].reshape(len(views['id']), -1).astype(np.float32)
   ids, labels = [], []
   for batch in ds.train_batches(batch_size, epoch):
     for image, label in zip(batch['image'], batch['label']):
-      dist = np.abs(flat_views - image.reshape(1, -1)).max(axis=1)
+      dist = np.abs(flat_views - image.reshape(1, -1).astype(np.float32)).max(axis=1)
       assert dist.min() < 1e-5, 'a train image equals no eval view'
       ids.append(int(views['id'][dist.argmin()]))
       labels.append(int(label))
@@ -79,13 +79,11 @@ def test_train_batch_shapes_and_steps(fake_dir):
   batches = list(ds.train_batches(8, epoch=0))
   assert len(batches) == 2
   b = batches[0]
-  assert b['image'].shape == (8, 32, 32, 3) and b['image'].dtype == np.float32
+  # uint8 pixels: a quarter of float32's bytes; the steps normalise them on the device.
+  assert b['image'].shape == (8, 32, 32, 3) and b['image'].dtype == np.uint8
   assert b['label'].dtype == np.int32 and b['mask'].dtype == np.float32
   np.testing.assert_array_equal(b['mask'], 1.0)
-  # Normalised: pixels within [(0 - mean) / std, (1 - mean) / std].
-  lo = -np.float32(data.IMAGENET_MEAN) / np.float32(data.IMAGENET_STD)
-  hi = (1 - np.float32(data.IMAGENET_MEAN)) / np.float32(data.IMAGENET_STD)
-  assert (b['image'] >= lo - 1e-5).all() and (b['image'] <= hi + 1e-5).all()
+  assert 0 < b['image'].std()
   # 16 distinct train examples in an epoch of 2 x 8 (drop remainder of 20), with their labels.
   ids, labels = _train_epoch_ids(_build(fake_dir, pp_train='none'), 8)
   assert len(ids) == 16 and len(set(ids)) == 16

@@ -10,6 +10,7 @@ from PIL import Image
 
 from flowers_jax import config as config_lib
 from flowers_jax import data
+from flowers_jax import normalization
 from flowers_jax.data import fake
 from flowers_jax.data import pipeline
 
@@ -41,7 +42,7 @@ def test_mock_data_splits_labels_and_shapes():
     labels = ds.splits[split].labels
     assert labels.dtype == np.int32 and labels.min() >= 0 and labels.max() < 102
   (batch,) = list(ds.train_batches(7, epoch=0))
-  assert batch['image'].shape == (7, 32, 32, 3) and batch['image'].dtype == np.float32
+  assert batch['image'].shape == (7, 32, 32, 3) and batch['image'].dtype == np.uint8
   np.testing.assert_array_equal(np.sort(batch['label']), np.sort(ds.splits['train'].labels))
   batches = list(ds.eval_batches('test', 4))
   assert len(batches) == 2 and batches[1]['mask'].tolist() == [1, 1, 1, 0]
@@ -70,14 +71,16 @@ def test_constant_grey_image_normalises_to_expected_values():
   np.testing.assert_array_equal(ds.splits['test'].ids, [1, 2, 3, 4, 5])
   (batch,) = list(ds.eval_batches('test', 5))
   mean, std = np.float32([0.485, 0.456, 0.406]), np.float32([0.229, 0.224, 0.225])
+  # uint8 batches, normalised on the device with data.mean / data.std (ImageNet's: ()).
+  assert ds.config.mean == (0.485, 0.456, 0.406) and batch['image'].dtype == np.uint8
+  normalised = np.asarray(normalization.normalize(batch['image'], ds.config.mean, ds.config.std))
   for i, value in enumerate(grey):
     want = (value / 255.0 - mean) / std  # e.g. 128 -> [0.0741, 0.2052, 0.4265]
-    np.testing.assert_allclose(batch['image'][i], np.broadcast_to(want, (32, 32, 3)),
-                               atol=1e-5)
+    np.testing.assert_allclose(normalised[i], np.broadcast_to(want, (32, 32, 3)), atol=1e-5)
   # Random crops and flips of a constant image are that constant too.
   (train,) = list(ds.train_batches(6, epoch=3))
   wants = np.stack([(g / 255.0 - mean) / std for g in grey])
-  for image in train['image']:
+  for image in np.asarray(normalization.normalize(train['image'], mean, std)):
     assert np.ptp(image, axis=(0, 1)).max() < 1e-5
     assert np.abs(wants - image[0, 0]).max(axis=1).min() < 1e-5
 

@@ -9,7 +9,7 @@ import sys
 import jax
 import numpy as np
 
-from flowers_jax import data, predict
+from flowers_jax import data, normalization, predict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EMBEDDING_KEYS = ('knn_accuracy', 'recall_at_1', 'recall_at_5')
@@ -21,7 +21,8 @@ def _embeddings(run, ds, split):
   embs, labels = [], []
   for batch in ds.eval_batches(split, 8):  # the run's eval batch
     real = batch['mask'] > 0
-    embs.append(np.asarray(apply(run.variables, batch['image']), np.float64)[real])
+    images = normalization.normalize(batch['image'], ds.config.mean, ds.config.std)
+    embs.append(np.asarray(apply(run.variables, images), np.float64)[real])
     labels.append(batch['label'][real])
   return np.concatenate(embs), np.concatenate(labels)
 

@@ -17,14 +17,16 @@ import numpy as np
 import optax
 import pytest
 
-from flowers_jax import checkpoint, config_utils, data, models, optim, parallel, steps, train
+from flowers_jax import checkpoint, config_utils, data, models, normalization, optim, parallel
+from flowers_jax import steps, train
 from flowers_jax import config as config_lib
 from tree_util import flat
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_CLASSES, IMAGE_SIZE, BATCH = 4, 16, 8
 TIMING_KEYS = {'images_per_s', 'wall_time_s', 'compile_time_s', 'train_time_s', 'eval_time_s',
-               'checkpoint_wait_s', 'input_wait_s', 'train_images_per_s'}  # differ run to run
+               'checkpoint_wait_s', 'input_wait_s', 'train_images_per_s', 'device_wait_s',
+               'host_overhead_s'}  # differ run to run
 STEPS_PER_EPOCH = 3  # 24 train images / 8
 # Scripted validation accuracy by global step (3 steps per epoch): epoch 1 is the best one, so
 # "test at the best checkpoint" is a different state from the final one.
@@ -239,8 +241,8 @@ def test_workdir_outputs(runs):
   assert results['test_examples'] == 12
   tested = runs['tested']['full'][-1]  # the (best) state the run evaluated on the test split
   batch = next(data.build(runs['config'].data, seed=0).eval_batches('test', 12))
-  logits, _ = train.create_model(runs['config']).apply(tested.variables, batch['image'],
-                                                       train=False)
+  logits, _ = train.create_model(runs['config']).apply(
+      tested.variables, normalization.normalize(batch['image']), train=False)
   predicted = np.argmax(np.asarray(logits), -1)
   correct = predicted == batch['label']
   assert results['test_accuracy'] == pytest.approx(correct.mean(), abs=1e-9)

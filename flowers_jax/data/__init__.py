@@ -5,13 +5,24 @@
   for batch in ds.train_stream(global_batch, start_step=0, sampler='random'): ...  # endless
   for batch in ds.train_batches(global_batch, epoch, start_step=0, sampler='random'): ...
   for batch in ds.eval_batches('test', global_batch): ...
+  # The device path (data.on_device; ``device_pp``, ``device_cache``): no pixels on the host.
+  augment = device_pp.Augmenter(ds.device_cache('train'), pp.from_config(ds.config,
+                                'pp_train'), strategy)
+  for host in ds.device_train_stream(global_batch, start_step=0, sampler='random'):
+    batch = augment(strategy.put_batch(host))   # + 'image' (+ 'positive', 'negative')
 
 Batches are dicts of host-local numpy arrays (rows ``[p*b, (p+1)*b)`` of the global
 batch on process ``p``, ``b = global_batch / process_count``):
-``image`` float32 [b, S, S, 3] (ImageNet mean/std), ``label`` int32 [b], ``mask``
+``image`` uint8 [b, S, S, 3] (normalised on the device), ``label`` int32 [b], ``mask``
 float32 [b]; triplet batches add ``positive``, ``negative`` [b, S, S, 3] and
 ``negative_label`` [b]; eval batches add ``id`` int32 [b] (the example id, e.g. the
 Flowers102 image number; padding rows repeat position 0 with mask 0).
+``device_train_stream`` batches have ``train_stream``'s rows and keys but, instead of the
+images, ``pp.PARAMS_KEY`` ('pp_params'): per image key a dict of 'index' int32 [b] (the
+position in ``device_cache('train')``) and the random ops' parameters drawn exactly as
+``train_stream`` draws them (``pp.Pipeline.draw``: e.g. '0.window' int32 [b, 4], '1.flip'
+int32 [b]); ``device_pp.Augmenter`` turns them into the images on the accelerators
+(``device_pp.unsupported(pipe)`` names the ops that have no device version).
 
 ``config.data`` keys (all required: ``DataConfig.parse`` rejects unknown or missing
 keys; defaults in ``flowers_jax.config.base_config()``):
@@ -27,7 +38,11 @@ keys; defaults in ``flowers_jax.config.base_config()``):
   eval_resize             the eval view: shorter side -> eval_resize, center crop S
                           (the default size of ``resize_small``); 0 = round(S * 256 / 224).
   interpolation           'bilinear' | 'bicubic' | 'nearest' | 'area' (antialiased,
-                          like PIL); the default method of the resizing ops.
+                          like PIL); the default method of the resizing ops; '' =
+                          bilinear (the loop first fills it from the weights' timm
+                          pretrained_cfg, as it does mean / std / eval_resize).
+  mean, std               per-channel normalisation of [0, 1] pixels, applied on the
+                          device (batches are uint8); () = ImageNet's.
   skip_corrupt            skip undecodable images with a warning (fully decodes every
                           image once at build); False: fail naming the file.
   cache                   keep images in memory: train images decoded when the split's
@@ -36,6 +51,10 @@ keys; defaults in ``flowers_jax.config.base_config()``):
                           1 GiB and reads encoded bytes from memory.
   threads                 tf.data parallel calls and private pool; 0 = AUTOTUNE.
   prefetch                host batches prefetched by tf.data.
+  on_device               'host' | 'device' | 'auto': where train augmentation runs
+                          (``device_pp``); device_cache_size: the shorter side of the
+                          images held on the device (0 = 2 x S; never enlarged; see
+                          ``device_cache``: replicated on every device, ``fits``).
 
 Determinism: epoch ``e``'s global order is ``np.random.default_rng([seed, e])``'s
 permutation (train drops the remainder) and each example's augmentation is a

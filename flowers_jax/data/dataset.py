@@ -8,6 +8,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from flowers_jax.data import device_cache as device_cache_lib
 from flowers_jax.data import pipeline
 from flowers_jax.data import pp
 from flowers_jax.data import samplers
@@ -16,6 +17,21 @@ from flowers_jax.data import transforms
 
 # Decoded images of a split are kept in memory when they take at most this much.
 DECODED_CACHE_BYTES = 1 << 30
+DEFAULT_INTERPOLATION = 'bilinear'  # data.interpolation='' without weights that say otherwise
+ON_DEVICE = ('auto', 'host', 'device')
+
+
+def _channels(value, key: str, default: tuple) -> tuple[float, float, float]:
+  """``data.mean`` / ``data.std``: three numbers (a JSON list is fine); () is ``default``."""
+  if value is None or (hasattr(value, '__len__') and len(value) == 0):
+    return tuple(default)
+  ok = (hasattr(value, '__len__') and not isinstance(value, str) and len(value) == 3
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value))
+  if not ok or (key == 'std' and min(value) <= 0):
+    what = 'three numbers > 0' if key == 'std' else 'three numbers'
+    raise ValueError(f'config.data.{key}={value!r}; expected {what} (per channel, of pixels'
+                     ' in [0, 1]), or () for the weights\' / ImageNet\'s.')
+  return tuple(float(v) for v in value)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,10 +45,14 @@ class DataConfig:
   pp_eval: str
   eval_resize: int
   interpolation: str
+  mean: tuple
+  std: tuple
   skip_corrupt: bool
   cache: bool
   threads: int
   prefetch: int
+  on_device: str
+  device_cache_size: int
 
   @classmethod
   def parse(cls, config: Any) -> 'DataConfig':
@@ -50,6 +70,19 @@ class DataConfig:
       raise ValueError(f'config.data has {found}; valid keys: {fields} (start from'
                        ' flowers_jax.config.base_config().data).')
     cfg = cls(**values)
+    cfg = dataclasses.replace(cfg, interpolation=cfg.interpolation or DEFAULT_INTERPOLATION,
+                              mean=_channels(cfg.mean, 'mean', transforms.IMAGENET_MEAN),
+                              std=_channels(cfg.std, 'std', transforms.IMAGENET_STD))
+    if cfg.on_device not in ON_DEVICE:
+      raise ValueError(f'Unknown config.data.on_device {cfg.on_device!r}; valid: {ON_DEVICE}.')
+    if not isinstance(cfg.device_cache_size, int) or cfg.device_cache_size < 0:
+      raise ValueError(f'config.data.device_cache_size={cfg.device_cache_size!r}; expected an'
+                       ' integer >= 0 (0: 2 x image_size).')
+    if not cfg.device_cache_size:
+      cfg = dataclasses.replace(cfg, device_cache_size=2 * cfg.image_size)
+    if cfg.device_cache_size < cfg.image_size:
+      raise ValueError(f'config.data.device_cache_size={cfg.device_cache_size} is smaller than'
+                       f' the crop image_size={cfg.image_size}.')
     if cfg.interpolation not in transforms.INTERPOLATIONS:
       raise ValueError(f'Unknown config.data.interpolation {cfg.interpolation!r}; valid:'
                        f' {transforms.INTERPOLATIONS}.')
@@ -105,6 +138,7 @@ class Dataset:
     self.num_examples = {name: len(split) for name, split in source.splits.items()}
     self._stores: dict[str, pipeline.ImageStore] = {}
     self._eval_cache: dict[tuple, Any] = {}
+    self._device_caches: dict[str, device_cache_lib.DeviceCache] = {}
 
   @property
   def splits(self) -> dict[str, sources.Split]:
@@ -166,11 +200,8 @@ class Dataset:
                                       global_batch, self.process_index * b, start_step)
     return pipeline.iterate(ds, store.split, plan)
 
-  def train_stream(self, global_batch: int, start_step: int = 0, sampler: str = 'random',
-                   pk_k: int = 4) -> Iterator[dict]:
-    """Host batches ``start_step, start_step + 1, ...`` of the endless train stream
-    (``samplers.stream``: passes over the split back to back, nothing dropped; batch ``s``
-    is a pure function of ``(seed, s)``, so a resume at ``start_step=s`` is exact)."""
+  def _stream_rows(self, global_batch: int, start_step: int, sampler: str, pk_k: int):
+    """(element keys, this host's rows of the stream's batches ``start_step..``, rows b)."""
     global_rows = samplers.stream(sampler, self.split('train').labels, global_batch, self.seed,
                                   start_step=start_step, k=pk_k)
     first = next(global_rows)  # its keys are the elements' (triplets add two)
@@ -178,10 +209,57 @@ class Dataset:
                                             self.process_index, self.process_count)
     host = ({k: v[0] for k, v in rows(batch).items()}
             for batch in itertools.chain([first], global_rows))
+    return tuple(first), host, global_batch // self.process_count
+
+  def train_stream(self, global_batch: int, start_step: int = 0, sampler: str = 'random',
+                   pk_k: int = 4) -> Iterator[dict]:
+    """Host batches ``start_step, start_step + 1, ...`` of the endless train stream
+    (``samplers.stream``: passes over the split back to back, nothing dropped; batch ``s``
+    is a pure function of ``(seed, s)``, so a resume at ``start_step=s`` is exact)."""
+    keys, host, b = self._stream_rows(global_batch, start_step, sampler, pk_k)
     store = self._store('train')
-    b = global_batch // self.process_count
-    ds = pipeline.train_stream_dataset(store, host, tuple(first), self.config, self.seed, b)
+    ds = pipeline.train_stream_dataset(store, host, keys, self.config, self.seed, b)
     return pipeline.iterate(ds, store.split, None)
+
+  def device_cache(self, name: str = 'train') -> device_cache_lib.DeviceCache:
+    """Split ``name`` for the device path (``device_cache``), decoded and packed once: shorter
+    sides brought down to ``data.device_cache_size`` with ``data.interpolation``."""
+    if name not in self._device_caches:
+      split, cfg = self.split(name), self.config
+      if name in self._stores:
+        store = self._stores[name]
+      elif name in self._decoded:  # skip_corrupt decoded it at build
+        store = pipeline.ImageStore(split, 'decoded', self._decoded[name])
+      else:
+        store = self._encoded_store(name)
+      images, orig_hw = pipeline.cache_images(store, cfg.device_cache_size, cfg.interpolation,
+                                              cfg.threads)
+      self._device_caches[name] = device_cache_lib.pack(images, orig_hw, cfg.device_cache_size,
+                                                        cfg.interpolation)
+    return self._device_caches[name]
+
+  def device_train_stream(self, global_batch: int, start_step: int = 0,
+                          sampler: str = 'random', pk_k: int = 4) -> Iterator[dict]:
+    """``train_stream``'s batches without pixels, for ``device_pp.Augmenter``.
+
+    Same rows and keys, but each image key ('image', and the triplet sampler's 'positive',
+    'negative') is under ``pp.PARAMS_KEY`` as a dict: 'index' int32 [b] (its position in
+    ``device_cache('train')``, built here if need be) and ``f'{k}.{name}'``, op k's random
+    parameters (``pp.Pipeline.draw``: 'window' int32 [b, 4] (top, left, h, w) in the
+    original's pixels, 'flip' int32 [b]) drawn exactly as ``train_stream`` draws them; plus
+    'label' int32 [b], 'mask' float32 [b] (and 'negative_label'). ValueError (one line) if
+    pp_train has ops without a device version (``device_pp.unsupported``).
+    """
+    from flowers_jax.data import device_pp  # jax: only the device path needs it
+    problem = device_pp.unsupported(pp.from_config(self.config, 'pp_train'))
+    if problem:
+      raise ValueError(problem)
+    cache = self.device_cache('train')
+    keys, host, b = self._stream_rows(global_batch, start_step, sampler, pk_k)
+    split = self.split('train')
+    ds = pipeline.device_stream_dataset(cache.orig_hw, split.labels, host, keys, self.config,
+                                        self.seed, b)
+    return pipeline.iterate(ds, split, None)
 
   def eval_batches(self, split: str, global_batch: int) -> Iterator[dict]:
     """All examples of ``split`` once, in order; the last batch padded with mask 0."""

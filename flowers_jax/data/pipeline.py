@@ -8,12 +8,18 @@ place in the pass's global order (``step * G + row`` for epoch plans; the epoch 
 pass) and ``part`` 0, 1, 2 for a
 triplet's anchor, positive and negative, so any step can be recomputed alone. The
 images go through ``config.data.pp_train`` / ``pp_eval`` (``pp``: ops on uint8
-[H, W, 3], random ones seeded from ``example_seed``), then ``transforms.normalize``.
+[H, W, 3], random ones seeded from ``example_seed``); batches stay uint8, normalised
+on the device by the steps (``flowers_jax.normalization``: ``data.mean`` / ``data.std``).
 
 ``ImageStore`` holds one split's images in one of three forms: ``files`` (read on
 every use), ``bytes`` (encoded, in memory) or ``decoded`` (uint8 arrays in memory,
 served with ``tf.numpy_function``). JPEGs are decoded like PIL (``INTEGER_ACCURATE``
 IDCT), always whole, so every store gives the same pixels.
+
+The device path (``device_pp``): ``cache_images`` decodes a split once and shrinks it for
+``device_cache.pack``; ``device_stream_dataset`` is the train stream's twin that decodes
+nothing: per image key, its cache position and its random parameters (``pp.Pipeline.draw``
+on the original's shape, from the same ``example_seed``).
 """
 
 from __future__ import annotations
@@ -108,16 +114,43 @@ def decode_all(split: sources.Split, threads: int, skip_errors: bool = False):
       deterministic=True)
   if skip_errors:
     ds = ds.ignore_errors()
-  images = [None] * len(split)
+  images = _collect(ds, split)
+  return images, [i for i, im in enumerate(images) if im is None]
+
+
+def _collect(ds, split: sources.Split) -> list:
+  """A tf.data of (i, x) or (i, x, y, ...) elements -> [x or (x, y, ...) at i] (None where
+  an element is missing); a decode error names the corrupt file."""
+  tf = import_tf()
+  out = [None] * len(split)
   try:
-    for i, image in ds.as_numpy_iterator():
-      images[i] = image
+    for i, *rest in ds.as_numpy_iterator():
+      out[i] = rest[0] if len(rest) == 1 else tuple(rest)
   except tf.errors.OpError as e:
-    found = find_corrupt(split, [i for i, im in enumerate(images) if im is None])
+    found = find_corrupt(split, [i for i, x in enumerate(out) if x is None])
     if found is None:
       raise
     raise sources.corrupt_error(split, *found) from e
-  return images, [i for i, im in enumerate(images) if im is None]
+  return out
+
+
+def cache_images(store: ImageStore, size: int, method: str, threads: int):
+  """Every image of ``store`` decoded once, its shorter side brought down to ``size``
+  (``transforms.resize_shorter``, antialiased ``method``; never enlarged): (list of uint8
+  [h, w, 3], int32 [N, 2] of the originals' (H, W)), for ``device_cache.pack``."""
+  tf = import_tf()
+
+  def shrink(i):
+    image = store.full(i)
+    shape = tf.shape(image)[:2]
+    small = tf.cond(tf.reduce_min(shape) > size,
+                    lambda: transforms.resize_shorter(image, size, method), lambda: image)
+    return i, shape, small
+
+  ds = tf.data.Dataset.range(len(store.split)).map(
+      graph_fn(shrink), num_parallel_calls=threads or AUTOTUNE, deterministic=True)
+  pairs = _collect(ds, store.split)
+  return [p[1] for p in pairs], np.array([p[0] for p in pairs], np.int32).reshape(-1, 2)
 
 
 # ---------------------------------------------------------------- per-example maps
@@ -154,7 +187,7 @@ def _train_example(store: ImageStore, cfg, seed: int, parts: dict):
            'mask': tf.constant(1.0, tf.float32)}
     for part, (key, src) in enumerate(parts.items()):
       seed_i = example_seed(base, ex['position'], part)
-      out[key] = transforms.normalize(augment(store.full(ex[src]), seed_i))
+      out[key] = augment(store.full(ex[src]), seed_i)  # uint8: normalised on the device
     if 'negative' in ex:
       out['negative_label'] = tf.gather(labels, ex['negative'])
     return out
@@ -190,17 +223,53 @@ def train_dataset(store: ImageStore, host_plan: dict, cfg, seed: int, epoch: int
   return ds.with_options(_options(cfg.threads)), plan
 
 
+def _device_example(orig_hw, labels, cfg, seed: int, parts: dict):
+  """``_train_example``'s twin for the device path: no pixels; per image key its cache
+  position 'index' int32 and the random ops' parameters (``pp.Pipeline.draw`` for the
+  original's shape, from the same example seed), under ``pp.PARAMS_KEY``."""
+  tf = import_tf()
+  augment = pp.from_config(cfg, 'pp_train')
+  shapes = tf.constant(np.asarray(orig_hw, np.int32).reshape(-1, 2))
+
+  def load(ex):
+    base = tf.stack([tf.constant(seed, tf.int64), ex['pass']])
+    out = {'label': tf.gather(labels, ex['index']),
+           'mask': tf.constant(1.0, tf.float32)}
+    params = {}
+    for part, (key, src) in enumerate(parts.items()):
+      seed_i = example_seed(base, ex['position'], part)
+      params[key] = {'index': tf.cast(ex[src], tf.int32),
+                     **augment.draw(tf.gather(shapes, ex[src]), seed_i)}
+    out[pp.PARAMS_KEY] = params
+    if 'negative' in ex:
+      out['negative_label'] = tf.gather(labels, ex['negative'])
+    return out
+
+  return graph_fn(load)
+
+
+def _stream(host_batches, keys, example, cfg, b: int):
+  """tf.data of ``example`` mapped over the rows of ``host_batches``, batched by ``b``."""
+  tf = import_tf()
+  spec = {k: tf.TensorSpec([b], tf.int64) for k in keys}
+  ds = tf.data.Dataset.from_generator(lambda: host_batches, output_signature=spec)
+  ds = ds.unbatch().map(example, num_parallel_calls=cfg.threads or AUTOTUNE, deterministic=True)
+  ds = ds.batch(b, drop_remainder=True).prefetch(cfg.prefetch or AUTOTUNE)
+  return ds.with_options(_options(cfg.threads))
+
+
 def train_stream_dataset(store: ImageStore, host_batches, keys, cfg, seed: int, b: int):
   """tf.data of the endless train stream: ``host_batches`` yields this host's rows of each
   global batch (``samplers.stream`` cut by ``host_rows``: int64 arrays [b] under ``keys``).
   One iterator for the whole run: no rebuild and no cold batch at a pass boundary."""
-  tf = import_tf()
-  spec = {k: tf.TensorSpec([b], tf.int64) for k in keys}
-  ds = tf.data.Dataset.from_generator(lambda: host_batches, output_signature=spec)
-  ds = ds.unbatch().map(_train_example(store, cfg, seed, _parts(keys)),
-                        num_parallel_calls=cfg.threads or AUTOTUNE, deterministic=True)
-  ds = ds.batch(b, drop_remainder=True).prefetch(cfg.prefetch or AUTOTUNE)
-  return ds.with_options(_options(cfg.threads))
+  return _stream(host_batches, keys, _train_example(store, cfg, seed, _parts(keys)), cfg, b)
+
+
+def device_stream_dataset(orig_hw, labels, host_batches, keys, cfg, seed: int, b: int):
+  """``train_stream_dataset``'s rows for the device path (``_device_example``): ``orig_hw``
+  int [N, 2] the train images' original (H, W), ``labels`` int [N]."""
+  return _stream(host_batches, keys, _device_example(orig_hw, labels, cfg, seed, _parts(keys)),
+                 cfg, b)
 
 
 def eval_dataset(store: ImageStore, host_plan: dict, cfg, cache: bool):
@@ -219,8 +288,7 @@ def eval_dataset(store: ImageStore, host_plan: dict, cfg, cache: bool):
       'label': split.labels[index].astype(np.int32),
       'mask': host_plan['mask'].reshape(-1).astype(np.float32),
       'id': split.ids[index].astype(np.int32)})
-  ds = tf.data.Dataset.zip(ds, meta).map(
-      graph_fn(lambda im, m: dict(m, image=transforms.normalize(im))))
+  ds = tf.data.Dataset.zip(ds, meta).map(graph_fn(lambda im, m: dict(m, image=im)))
   ds = ds.batch(b, drop_remainder=True).prefetch(cfg.prefetch or AUTOTUNE)
   return ds.with_options(_options(cfg.threads))
 

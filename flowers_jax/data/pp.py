@@ -28,6 +28,13 @@ A new op is one function of ``(image, args..., *, seed)`` under ``@register(...)
 whose keywords map arguments to the ``config.data`` keys that fill them; ``out=``
 says what size it returns: ``'same'`` as its input (the default), ``'size'`` its
 ``size`` argument squared, ``'any'`` unknown until a later op fixes it.
+
+The device path (``device_pp``: the ops on images held on the accelerator) splits a random
+op's parameter draw from its pixel work: ``register(draw=...)`` gives the op's draw alone,
+``(shape, args..., *, seed) -> {name: tensor}`` for an input of ``shape`` [H, W, ...], the same
+function of the seed as the op's own (``Pipeline.draw`` runs them all, no pixels); an
+``out='any'`` op gives its output (h, w) with ``shape=``. Which ops have a device version is
+``device_pp.OPS``'s table; ``device_pp.unsupported(pipe)`` names the others.
 """
 
 import ast
@@ -51,6 +58,8 @@ PRESETS = {
 }
 # Whether each config key may hold random ops.
 KEYS = {'pp_train': True, 'pp_eval': False}
+# The key of the drawn parameters in ``Dataset.device_train_stream``'s batches (``Pipeline.draw``).
+PARAMS_KEY = 'pp_params'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,12 +68,16 @@ class Op:
   argument to the ``config.data`` key that fills it when the spec leaves it out;
   ``out`` is its output size: 'same' (as the input), 'size' (its ``size`` argument) or
   'any'; ``checks``: argument -> (predicate on its value, what is valid), or a tuple of
-  arguments -> (predicate on their values, what is valid)."""
+  arguments -> (predicate on their values, what is valid); ``draw``: a random op's parameter
+  draw alone, ``(shape, args..., *, seed) -> {name: tensor}`` (None: none, the op runs on the
+  host only); ``shape``: an ``out='any'`` op's output ``(shape, args...) -> (h, w)``."""
   fn: Callable
   from_config: dict[str, str]
   out: str = 'same'
   checks: dict[str | tuple[str, ...], tuple[Callable[..., bool], str]] = dataclasses.field(
       default_factory=dict)
+  draw: Callable | None = None
+  shape: Callable | None = None
 
   @property
   def random(self) -> bool:
@@ -81,6 +94,17 @@ class Op:
                       else repr(p.default))
     return f'{self.fn.__name__}({", ".join(f"{p.name}={show(p)}" for p in self.params())})'
 
+  def out_shape(self, shape, kwargs: dict):
+    """The output's (h, w) for an input of ``shape`` [H, W, ...] (ints or TF scalars)."""
+    return _OUT_SHAPES[self.out](self, shape, kwargs)
+
+
+_OUT_SHAPES = {
+    'same': lambda op, shape, kwargs: (shape[0], shape[1]),
+    'size': lambda op, shape, kwargs: (kwargs['size'], kwargs['size']),
+    'any': lambda op, shape, kwargs: op.shape(shape, **kwargs),
+}
+
 
 OPS: dict[str, Op] = {}
 
@@ -88,15 +112,16 @@ OPS: dict[str, Op] = {}
 OUT_SIZES = ('same', 'size', 'any')
 
 
-def register(out: str = 'same', checks: dict | None = None, **from_config: str) -> Callable:
+def register(out: str = 'same', checks: dict | None = None, draw: Callable | None = None,
+             shape: Callable | None = None, **from_config: str) -> Callable:
   """Decorator: registers ``fn`` under its name; ``out``: its output size (``OUT_SIZES``);
   ``checks``: argument (or tuple of arguments) -> (predicate, what is valid), applied when
-  a spec is parsed; ``from_config``: argument -> data key."""
+  a spec is parsed; ``draw`` / ``shape``: see ``Op``; ``from_config``: argument -> data key."""
   if out not in OUT_SIZES:
     raise ValueError(f'register(out={out!r}); valid: {OUT_SIZES}')
 
   def add(fn):
-    OPS[fn.__name__] = Op(fn, from_config, out, dict(checks or {}))
+    OPS[fn.__name__] = Op(fn, from_config, out, dict(checks or {}), draw, shape)
     return fn
   return add
 
@@ -121,10 +146,33 @@ PROBABILITY = (lambda v: 0 <= v <= 1, 'a number in [0, 1]')
 COUNT = (lambda v: v >= 0, 'an integer >= 0')
 
 
+# ---------------------------------------------------------------- parameter draws (host)
+
+
+def _rrc_window(shape, size, method, scale, ratio, *, seed) -> dict:
+  """random_resized_crop's draw: 'window' int32 [4], (top, left, h, w) in its input's pixels."""
+  del size, method
+  tf = _import_tf()
+  return {'window': tf.stack(transforms.random_resized_crop_window(shape, seed, scale, ratio))}
+
+
+def _flip_coin(shape, *, seed) -> dict:
+  """flip_lr's draw: 'flip' int32 scalar, 1 = flip."""
+  del shape
+  tf = _import_tf()
+  return {'flip': tf.cast(transforms.flip_coin(seed), tf.int32)}
+
+
+def _shorter_side(shape, size, method) -> tuple:
+  del method
+  return transforms.resize_shorter_size(shape, size)
+
+
 # ---------------------------------------------------------------- ops: uint8 [H, W, 3] in
 
 
-@register(out='any', checks={'size': POSITIVE}, size='eval_resize', method='interpolation')
+@register(out='any', checks={'size': POSITIVE}, shape=_shorter_side, size='eval_resize',
+          method='interpolation')
 def resize_small(image, size: int, method: Interpolation):
   """Shorter side -> ``size`` (torchvision ``Resize(size)``)."""
   return transforms.resize_shorter(image, size, method)
@@ -144,7 +192,7 @@ def center_crop(image, size: int):
 
 
 @register(out='size', checks={'size': POSITIVE, 'scale': SCALE, 'ratio': RATIO},
-          size='image_size', method='interpolation')
+          draw=_rrc_window, size='image_size', method='interpolation')
 def random_resized_crop(image, size: int, method: Interpolation,
                         scale: tuple = transforms.RRC_SCALE,
                         ratio: tuple = transforms.RRC_RATIO, *, seed):
@@ -158,7 +206,7 @@ def random_crop(image, size: int, padding: int = 0, *, seed):
   return transforms.random_crop(image, size, seed, padding)
 
 
-@register()
+@register(draw=_flip_coin)
 def flip_lr(image, *, seed):
   """Horizontal flip with probability 1/2."""
   return transforms.random_flip(image, seed)
@@ -213,6 +261,29 @@ class Pipeline:
     for op, kwargs in self.ops:
       image = op.fn(image, **kwargs, **({'seed': next(seeds)} if op.random else {}))
     return image
+
+  def draw(self, shape, seed=None) -> dict:
+    """The random ops' parameters alone, no pixels (the device path applies them).
+
+    Args:
+      shape: the input's [H, W, ...] (int32 tensor or pair of scalars).
+      seed: the example's stateless seed, split among the random ops as ``__call__`` splits
+        it, and each op's draw is the function of its seed that the op itself uses: the
+        parameters are those ``__call__(image, seed)`` applies to an image of that shape.
+    Returns:
+      ``{f'{k}.{name}': tensor}`` for parameter ``name`` of op ``k`` (its place in ``ops``).
+      The shape seen by each op is tracked through the ops before it (``Op.out_shape``).
+    """
+    seeds = iter(self._seeds(seed))
+    params, last = {}, max([k for k, (op, _) in enumerate(self.ops) if op.random], default=-1)
+    for k, (op, kwargs) in enumerate(self.ops[:last + 1]):
+      if op.random:
+        if op.draw is None:
+          raise ValueError(f'pp op {op.fn.__name__} has no parameter draw (host only)')
+        drawn = op.draw(shape, **kwargs, seed=next(seeds))
+        params.update({f'{k}.{name}': value for name, value in drawn.items()})
+      shape = op.out_shape(shape, kwargs)
+    return params
 
   def output_shape(self) -> tuple:
     """The output's shape for any uint8 [H, W, 3] input, None where it depends on it."""

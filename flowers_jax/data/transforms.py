@@ -14,11 +14,15 @@ stateless seed ``int64 [2]`` so an example's augmentation is a pure function of
   bicubic within ~0.2 levels on average (TF's and PIL's cubic kernels differ when
   upsampling; torch tensors use a=-0.75). Results are rounded and clipped to
   [0, 255] as a uint8 PIL pipeline would be. Antialiasing costs ~2x in throughput.
+- Random ops draw their parameters in functions of their own (``random_resized_crop_window``,
+  ``flip_coin``, ``random_erasing_draws``): ``pp.Pipeline.draw`` computes them alone, for the
+  device path (``device_pp``), from the same seeds.
 - ``random_crop``: ``RandomCrop(size, padding)`` (zero padding, uniform offsets).
 - ``random_erasing``: ``RandomErasing(p, scale, ratio)`` (``transforms.py``'s
   ``get_params``: 10 tries of area fraction x log-ratio, erase where the box fits), on uint8
   before normalisation: see its docstring for the fill values.
-- ``normalize``: ``/255``, minus ImageNet mean, over ImageNet std.
+- ``normalize``: ``/255``, minus the mean, over the std (ImageNet's by default); the host
+  reference of the device-side ``flowers_jax.normalization`` (batches travel as uint8).
 """
 
 from __future__ import annotations
@@ -26,8 +30,8 @@ from __future__ import annotations
 import math
 
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from flowers_jax.normalization import IMAGENET_MEAN  # noqa: E402  (jax only, no TensorFlow)
+from flowers_jax.normalization import IMAGENET_STD  # noqa: E402
 RRC_SCALE = (0.08, 1.0)
 RRC_RATIO = (3 / 4, 4 / 3)
 INTERPOLATIONS = ('bilinear', 'bicubic', 'nearest', 'area')
@@ -44,11 +48,12 @@ def _tf():
   return tf_import.import_tf()
 
 
-def normalize(image):
-  """uint8/float [H, W, 3] in [0, 255] -> float32 normalised."""
+def normalize(image, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+  """uint8/float [H, W, 3] in [0, 255] -> float32 normalised: the host reference of
+  ``flowers_jax.normalization.normalize`` (the pipeline's batches stay uint8)."""
   tf = _tf()
   x = tf.cast(image, tf.float32) / 255.0
-  return (x - tf.constant(IMAGENET_MEAN)) / tf.constant(IMAGENET_STD)
+  return (x - tf.constant(mean, tf.float32)) / tf.constant(std, tf.float32)
 
 
 def resize(image, height, width, interpolation='bilinear'):
@@ -58,6 +63,7 @@ def resize(image, height, width, interpolation='bilinear'):
     raise ValueError(f'Unknown interpolation {interpolation!r}; valid: {INTERPOLATIONS}')
   x = tf.image.resize(image, tf.stack([height, width]), method=interpolation,
                       antialias=True)
+  x = tf.cast(x, tf.float32)  # 'nearest' keeps uint8
   return tf.cast(tf.clip_by_value(tf.round(x), 0.0, 255.0), tf.uint8)
 
 
@@ -160,11 +166,16 @@ def random_crop(image, size, seed, padding=0):
   return tf.image.crop_to_bounding_box(image, top, left, size, size)
 
 
-def random_flip(image, seed):
-  """Horizontal flip with probability 1/2 (stateless)."""
+def flip_coin(seed):
+  """``random_flip``'s draw from stateless seed int [2]: bool scalar, True (flip) w.p. 1/2."""
   tf = _tf()
-  flip = tf.random.stateless_uniform([], seed) < 0.5
-  return tf.cond(flip, lambda: tf.reverse(image, [1]), lambda: image)
+  return tf.random.stateless_uniform([], seed) < 0.5
+
+
+def random_flip(image, seed):
+  """Horizontal flip with probability 1/2 (stateless): ``flip_coin(seed)`` decides."""
+  tf = _tf()
+  return tf.cond(flip_coin(seed), lambda: tf.reverse(image, [1]), lambda: image)
 
 
 def random_erasing_draws(seed, tries=ERASE_TRIES):
