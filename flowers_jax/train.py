@@ -131,8 +131,8 @@ def resolve_preprocessing(config: ml_collections.ConfigDict) -> str | None:
   spec = weights_spec(config.init)
   pre = None
   if spec:
-    from flowers_jax import weights  # reads a config.json (or timm's registry): no torch
-    pre = weights.preprocessing(config.model.name, spec)
+    from flowers_jax import weights  # a config.json, or timm's registry; a Hub NAME downloaded
+    pre = weights.source_preprocessing(config.model.name, weights.resolve(spec))
   if pre:
     given = {'mean': tuple(pre['mean']), 'std': tuple(pre['std']),
              'interpolation': pre['interpolation'],
@@ -145,7 +145,10 @@ def resolve_preprocessing(config: ml_collections.ConfigDict) -> str | None:
   for k, v in taken.items():
     d[k] = v
   if not pre:
-    return None
+    return (None if not spec.startswith('timm:') else
+            f'{spec}: no preprocessing known from the weights (no config.json, no timm '
+            'registry entry): ImageNet mean / std, bilinear; set data.mean / data.std / '
+            'data.interpolation if they were trained otherwise')
   kept = sorted(set(given) - set(taken))
   return (f'preprocessing from {pre["source"]}: '
           + ', '.join(f'data.{k}={v}' for k, v in taken.items())

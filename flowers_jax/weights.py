@@ -412,9 +412,14 @@ def source_preprocessing(model_name: str, source: Source) -> dict | None:
   if source.config is not None:
     return _from_pretrained_cfg(_pretrained_cfg(source.config),
                                 f"timm's pretrained_cfg in {source.config_path}")
-  if source.format != 'timm' or not source.name:
+  if source.format != 'timm':
     return None
-  return _from_registry(model_name, source.name)
+  if source.name:
+    return _from_registry(model_name, source.name)
+  # A bare timm file: the architecture is the model's default one, and so is its preprocessing
+  # (the default tag's pretrained_cfg, what timm.create_model(arch, pretrained=True) uses).
+  arch = DEFAULT_ARCHITECTURE.get(model_name)
+  return _from_registry(model_name, arch, bare_file=source.path) if arch else None
 
 
 def _pretrained_cfg(config: Mapping) -> Mapping:
@@ -435,8 +440,10 @@ def _from_pretrained_cfg(cfg: Mapping, where: str) -> dict:
           'source': f'{where}{note}'}
 
 
-def _from_registry(model_name: str, name: str) -> dict | None:
-  """timm's registered pretrained_cfg of `name` (imports timm and torch), None without timm."""
+def _from_registry(model_name: str, name: str, bare_file: str | None = None) -> dict | None:
+  """timm's registered pretrained_cfg of `name` (imports timm and torch), None without timm.
+  `bare_file`: the weights are that file, with no config.json; `name` is only its
+  architecture, so its default tag's pretrained_cfg is taken (and the source says so)."""
   try:
     from timm.models import get_pretrained_cfg
   except ImportError:
@@ -444,8 +451,10 @@ def _from_registry(model_name: str, name: str) -> dict | None:
   cfg = get_pretrained_cfg(name)
   if cfg is None:
     return None
-  return _from_pretrained_cfg(dataclasses.asdict(cfg), f"timm's registry entry for {name} "
-                              f'(weights for {model_name})')
+  where = (f"timm's registry entry for {name} (weights for {model_name})" if bare_file is None
+           else f"timm's registry default for {name} ({bare_file} has no config.json; set "
+           'data.mean / data.std / data.interpolation if its weights were trained otherwise)')
+  return _from_pretrained_cfg(dataclasses.asdict(cfg), where)
 
 
 def describe_preprocessing(pre: dict | None) -> str:

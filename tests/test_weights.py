@@ -125,7 +125,10 @@ def test_resnet18_matches_timm_from_every_file_form(resnet18, tmp_path):
                     (directory, 'timm')]:
     again, report = convert.load_weights('resnet18', spec, num_classes=1000)
     assert report.source.startswith(f'{fmt} weights'), (spec, report.source)
-    assert (report.preprocessing is not None) == ('config.json' in report.source), report.source
+    # timm weights carry a preprocessing: their config.json's, else timm's registry default.
+    assert (report.preprocessing is not None) == (fmt == 'timm'), report.source
+    if fmt == 'timm' and 'config.json' not in report.source:
+      assert 'registry default for resnet18' in report.preprocessing['source']
     for path, value in flat(variables).items():
       np.testing.assert_array_equal(flat(again)[path], value, err_msg=f'{spec} {path}')
 

@@ -73,3 +73,22 @@ def test_explicit_config_values_win_over_the_weights(augreg_dir, tmp_path):
   assert train.resolve_preprocessing(plain) is None  # random init: ImageNet's, bilinear
   assert plain.data.mean == (0.485, 0.456, 0.406) and plain.data.interpolation == 'bilinear'
   assert plain.data.eval_resize == 0
+
+
+def test_a_bare_timm_file_takes_timm_s_registry_default(tmp_path):
+  """`timm:FILE` with no config.json: the architecture is the model's default timm one, and so is
+  the preprocessing (its default tag's pretrained_cfg), said where it came from."""
+  from safetensors.torch import save_file
+  from flowers_jax import train
+  from flowers_jax.config_utils import load_module
+  torch.manual_seed(0)
+  path = tmp_path / 'r18.safetensors'
+  save_file(timm.create_model('resnet18', pretrained=False).state_dict(), str(path))
+  config = load_module('configs/resnet18.py').get_config('finetune')
+  config.init.weights = f'timm:{path}'
+  said = train.resolve_preprocessing(config)
+  default = timm.models.get_pretrained_cfg('resnet18')  # the default tag's
+  assert config.data.mean == tuple(default.mean) and config.data.std == tuple(default.std)
+  assert config.data.interpolation == default.interpolation
+  assert config.data.eval_resize == math.floor(224 / default.crop_pct)
+  assert "registry default for resnet18" in said and 'no config.json' in said, said
