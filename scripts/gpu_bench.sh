@@ -12,6 +12,9 @@
 #   train    batch 128, 224 px: torch float32, torch AMP bf16 + channels_last, JAX bf16, JAX f32
 #   compile  torch.compile (AMP + channels_last) rows for resnet18 and vit_b16
 #   eval     inference, bf16 / AMP only
+#   input    the device input path end to end on Flowers-sized JPEGs (benchmark.py device_input:
+#            augment, synthetic-batch and end-to-end img/s; the host tf.data path needs
+#            tensorflow, which this machine lacks: benchmark.py input measures it elsewhere)
 # A phase starts only while less than BUDGET_S seconds have passed; each process is killed
 # after STEP_TIMEOUT_S. Results then go to docs/benchmarks.md by hand.
 set -uo pipefail
@@ -21,7 +24,7 @@ OUT=${OUT:-runs/gpu_bench}
 PY=${PY:-python}
 BUDGET_S=${BUDGET_S:-480}
 STEP_TIMEOUT_S=${STEP_TIMEOUT_S:-150}
-PHASES=${PHASES:-env train compile eval}
+PHASES=${PHASES:-env train compile eval input}
 MODELS=${MODELS:-resnet18 efficientnet_b0 vit_b16 resnet18_deform_after_conv1 resnet18_deform_parallel_conv1}
 COMMON=(--batch "${BATCH:-128}" --size "${SIZE:-224}" --steps "${STEPS:-20}" --warmup 3)
 export XLA_PYTHON_CLIENT_PREALLOCATE=false  # torch runs in the same process
@@ -90,6 +93,12 @@ if in_budget eval; then
     in_budget eval || break
     bench "eval_$m" eval --models "$m" "${COMMON[@]}" --dtypes bfloat16 --torch-compile off
   done
+fi
+
+if in_budget input; then
+  bench input_device device_input --models resnet18,efficientnet_b0 --batch "${BATCH:-128}" \
+      --size "${SIZE:-224}" --images 1024 --steps "${STEPS:-20}" --dtype bfloat16
+  cat "$OUT/input_device.log" | tee -a "$OUT/summary_input.txt"
 fi
 
 # One table per mode from every JSON written above.
