@@ -88,3 +88,26 @@ def test_device_is_refused_for_ops_without_a_device_version(tmp_path):
                                         'data.pp_train': 'random_resized_crop|randaugment'})
   with pytest.raises(ValueError, match=r"data.on_device=device: .*\['randaugment'\]"):
     train.train_and_evaluate(config, str(tmp_path / 'w'))
+
+
+@pytest.mark.parametrize('key,value,words', [
+    ('on_device', 'gpu', "valid: ('auto', 'host', 'device')"),
+    ('device_cache_size', -1, 'integer >= 0'),
+    ('device_cache_size', 16, 'smaller than the crop image_size=32'),
+    ('mean', (0.5, 0.5), 'three numbers'),
+    ('std', (0.5, 0.0, 0.5), 'three numbers > 0'),
+    ('mean', 'imagenet', 'three numbers'),
+])
+def test_bad_data_values_are_one_line(key, value, words):
+  cfg = dict(config_lib.BASE['data'], image_size=32, **{key: value})
+  with pytest.raises(ValueError, match=f'config.data.{key}') as e:
+    data.DataConfig.parse(cfg)
+  assert words in str(e.value) and '\n' not in str(e.value), str(e.value)
+
+
+def test_data_defaults_resolve_to_imagenet_bilinear_and_twice_the_crop():
+  cfg = data.DataConfig.parse(dict(config_lib.BASE['data'], image_size=32))
+  assert cfg.mean == data.IMAGENET_MEAN and cfg.std == data.IMAGENET_STD
+  assert cfg.interpolation == 'bilinear' and cfg.device_cache_size == 64
+  assert data.DataConfig.parse(dict(config_lib.BASE['data'], mean=[0.5, 0.5, 0.5])).mean == (
+      0.5, 0.5, 0.5)  # a JSON list (config.json) is fine
