@@ -18,7 +18,7 @@ into `workdir`:
                   val_top5, val_examples; with 'embedding' val_knn_accuracy, val_recall_at_1,
                   val_recall_at_5; with EMA also val_ema_<scalar>), lr (the rate of the last
                   step), wall_time_s (since the run began), images_per_s (train steps only,
-                  since the previous row), input_wait_s (blocked waiting for batches, since
+                  since the previous row), input_wait_s (blocked waiting for batches and their transfer to the device, since
                   the previous row), host_overhead_s (train time the host spent on its own
                   work: Python, dispatch, metric bookkeeping, handing batches over; not
                   waiting for the device or the input; since the previous row)
@@ -648,8 +648,9 @@ def _train(run: Run, loop: Loop, state, best: Best, writer, t_start: float):
   tc, strategy = run.config.train, run.strategy
   micro_images = tc.batch_size // run.accum
   make_stream = run.ds.train_stream if run.augment is None else run.ds.device_train_stream
-  stream = make_stream(micro_images, start_step=loop.calls,
-                       sampler=losses.get(tc.loss).sampler, pk_k=tc.pk_k)
+  with loop.timing('input_wait'):  # building the tf.data stream is the input's time too
+    stream = make_stream(micro_images, start_step=loop.calls,
+                         sampler=losses.get(tc.loss).sampler, pk_k=tc.pk_k)
   batches = parallel.prefetch_to_device(_with_stop_flag(stream), strategy)
   if run.augment is not None:  # the pixels made on the device, from the cache and the draws
     batches = map(run.augment, batches)

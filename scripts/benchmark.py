@@ -7,6 +7,8 @@ r"""Benchmarks, one per subcommand, each a module in scripts/benchmarks/ with `m
   python scripts/benchmark.py data   [--image-size 224]
   python scripts/benchmark.py cpu_conv [--batch 32]
   python scripts/benchmark.py memory [--batch 512 --sizes 224,384 --accum 8 --out memory.md]
+  python scripts/benchmark.py loop   [--quick --on-device device --profile N]   the loop's cost
+  python scripts/benchmark.py input  [--parts host,device,e2e --quick]   host img/s, e2e ratio
   python scripts/benchmark.py device_input [--models resnet18 --batch 128 --size 224]  (no TF)
   python scripts/benchmark.py --list
 
