@@ -18,10 +18,11 @@ into `workdir`:
                   val_top5, val_examples; with 'embedding' val_knn_accuracy, val_recall_at_1,
                   val_recall_at_5; with EMA also val_ema_<scalar>), lr (the rate of the last
                   step), wall_time_s (since the run began), images_per_s (train steps only,
-                  since the previous row), input_wait_s (blocked waiting for batches and their transfer to the device, since
-                  the previous row), host_overhead_s (train time the host spent on its own
-                  work: Python, dispatch, metric bookkeeping, handing batches over; not
-                  waiting for the device or the input; since the previous row)
+                  since the previous row), input_wait_s (blocked waiting for batches and
+                  their transfer to the device, since the previous row), host_overhead_s
+                  (train time the host spent on its own work: Python, dispatch, metric
+                  bookkeeping; not waiting for the device or the input; since the previous
+                  row)
   checkpoints/    orbax: `best` (by val accuracy, its meta the one record of the best step)
                   written before `latest` (on the cadence, and on SIGTERM/Ctrl-C)
   curves.png      train / validation accuracy against steps

@@ -22,16 +22,8 @@ NUM_PARAMS = 5_288_548
 
 
 def _perturbed_torch_model(**kwargs):
-  torch.manual_seed(0)
-  model = torchvision.models.efficientnet_b0(weights=None, **kwargs)
-  with torch.no_grad():
-    for p in model.parameters():
-      p.add_(0.05 * torch.randn_like(p))
-    for m in model.modules():
-      if isinstance(m, torch.nn.BatchNorm2d):
-        m.running_mean.normal_(0, 0.1)
-        m.running_var.uniform_(0.5, 1.5)
-  return model.eval()
+  from torch_util import perturbed
+  return perturbed(lambda: torchvision.models.efficientnet_b0(weights=None, **kwargs))
 
 
 @pytest.fixture(scope='module')

@@ -37,16 +37,8 @@ VIT_DEPTH = {'vit_b16': 2, 'vit_b32': 1, 'vit_l16': 1}
 
 def _perturbed(arch, **kwargs):
   """timm `arch` (random init), parameters + N(0, 0.05^2), BatchNorm stats random; eval mode."""
-  torch.manual_seed(0)
-  model = timm.create_model(arch, pretrained=False, **kwargs)
-  with torch.no_grad():
-    for p in model.parameters():
-      p.add_(0.05 * torch.randn_like(p))
-    for m in model.modules():
-      if isinstance(m, torch.nn.BatchNorm2d):
-        m.running_mean.normal_(0, 0.1)
-        m.running_var.uniform_(0.5, 1.5)
-  return model.eval()
+  from torch_util import perturbed
+  return perturbed(lambda: timm.create_model(arch, pretrained=False, **kwargs))
 
 
 def _save(model, path):

@@ -188,6 +188,17 @@ def environment(args) -> dict:
 # ----------------------------------------------------------------------- timing ---
 
 
+def write_outputs(out: Path | None, args, text: str, **payload) -> None:
+  """`out`.md (the printed tables) and `out`.json (the config, i.e. the args, and `payload`)."""
+  if not out:
+    return
+  out.parent.mkdir(parents=True, exist_ok=True)
+  out.with_suffix('.md').write_text(text + '\n')
+  config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+  out.with_suffix('.json').write_text(json.dumps(
+      {'config': config, **payload}, indent=2, default=str) + '\n')
+
+
 def time_steps(step: Callable[[], Any], sync: Callable[[Any], None], warmup: int,
                steps: int) -> tuple[float, float]:
   """Runs `step` 1 + warmup + steps times; returns (first step s, timed ms per step).

@@ -511,10 +511,6 @@ def main(argv: list[str]) -> int:
   with tempfile.TemporaryDirectory() as root, null_model():
     result, text = run_all(args, root)
   print('\n' + text)
-  if args.out:
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix('.md').write_text(text + '\n')
-    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    args.out.with_suffix('.json').write_text(json.dumps(
-        {'config': config, 'result': result}, indent=2) + '\n')
+  from benchmarks import _common
+  _common.write_outputs(args.out, args, text, result=result)
   return 0

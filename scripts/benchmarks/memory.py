@@ -42,7 +42,6 @@ above).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 import types
@@ -275,10 +274,5 @@ def main(argv: list[str]) -> int:
     text += '\n\n' + time_table(timed, args)
   text += f'\n\ntotal {time.perf_counter() - t_start:.0f} s'
   print('\n' + text)
-  if args.out:
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix('.md').write_text(text + '\n')
-    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    args.out.with_suffix('.json').write_text(json.dumps(
-        {'config': config, 'memory': rows, 'time': timed}, indent=2) + '\n')
+  _common.write_outputs(args.out, args, text, memory=rows, time=timed)
   return 0
