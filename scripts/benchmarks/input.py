@@ -238,7 +238,7 @@ def device_table(r: dict, args) -> str:
 
 def e2e_config(model: str, data_dir: str, steps_: int, args):
   """configs/<model>.py (random init) at `args.e2e_size` px, batch `args.e2e_batch`,
-  `steps_` steps, 3 validations, no checkpoints, the host input path."""
+  `steps_` steps, 3 validations, no checkpoints, input path `args.e2e_on_device`."""
   from flowers_jax import config as config_lib
   from flowers_jax import config_utils
   root = os.path.dirname(HERE)
@@ -246,8 +246,8 @@ def e2e_config(model: str, data_dir: str, steps_: int, args):
   return config_lib.override(c, {
       'model.num_classes': args.classes, 'data.dir': data_dir,
       'data.image_size': args.e2e_size, 'data.pp_train': args.e2e_pp_train,
-      'data.on_device': 'host', 'train.steps': steps_, 'train.batch_size': args.e2e_batch,
-      'train.eval_batch_size': args.e2e_batch, 'train.checkpoint': False,
+      'data.on_device': args.e2e_on_device, 'train.steps': steps_,
+      'train.batch_size': args.e2e_batch, 'train.eval_batch_size': args.e2e_batch, 'train.checkpoint': False,
       'train.log_every': 1000, 'evals.every_steps': max(steps_ // 3, 1),
       'optim.warmup_steps': 0}, 'benchmark input')  # warmup: the recipes' exceed these runs
 
@@ -289,7 +289,8 @@ def e2e_rows(data_dir: str, root: str, args) -> list[dict]:
 
 
 def e2e_table(rows: list[dict], args) -> str:
-  lines = [f'End to end (the real loop, host path, {args.e2e_pp_train} at {args.e2e_size} px, '
+  lines = [f'End to end (the real loop, {args.e2e_on_device} path, {args.e2e_pp_train} at '
+           f'{args.e2e_size} px, '
            f'batch {args.e2e_batch}, float32, random init; the last of 3 validation windows) '
            'against synthetic batches (the same compiled step on batches on the device); '
            'medians over the runs', '',
@@ -352,6 +353,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
   p.add_argument('--e2e-size', type=int, default=64)
   p.add_argument('--e2e-batch', type=int, default=16)
   p.add_argument('--e2e-pp-train', default=BASE['data']['pp_train'])
+  p.add_argument('--e2e-on-device', choices=('host', 'device'), default='host',
+                 help='data.on_device of the end-to-end runs')
   p.add_argument('--e2e-scale', type=float, default=1.0, help='x the steps of E2E_STEPS')
   p.add_argument('--e2e-repeats', type=int, default=1, help='runs per model (medians)')
   p.add_argument('--quick', action='store_true', help='fewer images, repeats and steps')
