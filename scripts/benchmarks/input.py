@@ -247,7 +247,8 @@ def e2e_config(model: str, data_dir: str, steps_: int, args):
       'model.num_classes': args.classes, 'data.dir': data_dir,
       'data.image_size': args.e2e_size, 'data.pp_train': args.e2e_pp_train,
       'data.on_device': args.e2e_on_device, 'train.steps': steps_,
-      'train.batch_size': args.e2e_batch, 'train.eval_batch_size': args.e2e_batch, 'train.checkpoint': False,
+      'train.batch_size': args.e2e_batch, 'train.eval_batch_size': args.e2e_batch,
+      'train.checkpoint': False,
       'train.log_every': 1000, 'evals.every_steps': max(steps_ // 3, 1),
       'optim.warmup_steps': 0}, 'benchmark input')  # warmup: the recipes' exceed these runs
 
