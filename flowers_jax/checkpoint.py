@@ -195,21 +195,32 @@ def _echo_of_a_failure(unraisable) -> bool:
 
 
 class _HoldOrbaxLogs(logging.Filter):
-  """Holds orbax's absl log records while an operation runs (`held`), or drops its errors for
-  good once one failed (`dropping`): the failure is reported in one line by the caller."""
+  """Holds orbax's absl log records while an operation runs (`held`) or while an asynchronous
+  save is being written in orbax's threads (`pending`: released by `Checkpointer.wait` when it
+  succeeds), or drops its errors for good once one failed (`dropping`): the failure is
+  reported in one line by the caller. Without `pending`, a failed asynchronous write logged
+  its thread's errors (33 lines in CI) before the wait that reports it."""
 
   def __init__(self):
     super().__init__()
     self.held: list[logging.LogRecord] | None = None
+    self.pending: list[logging.LogRecord] | None = None
     self.dropping = False
 
   def filter(self, record: logging.LogRecord) -> bool:
     if '/orbax/' not in record.pathname.replace(os.sep, '/'):
       return True
-    if self.held is not None:
-      self.held.append(record)
-      return False
+    for hold in (self.held, self.pending):
+      if hold is not None:
+        hold.append(record)
+        return False
     return not (self.dropping and record.levelno >= logging.ERROR)
+
+
+def _pass_on(records: list[logging.LogRecord]) -> None:
+  """Held records, through the filters again (held by an outer call, or passed on)."""
+  for record in records:
+    logging.getLogger(record.name).handle(record)
 
 
 _ORBAX_LOGS = _HoldOrbaxLogs()
@@ -254,8 +265,7 @@ def _quiet_failures():
     _ORBAX_LOGS.held = outer
     raise
   _ORBAX_LOGS.held = outer
-  for record in held:  # through the filter again: held by an outer call, or passed on
-    logging.getLogger(record.name).handle(record)
+  _pass_on(held)
 
 
 def _say(msg: str) -> None:
@@ -367,17 +377,23 @@ class Checkpointer:
     if not saved:
       raise CheckpointWriteError(f'orbax did not write the checkpoint {mgr.directory}/{step}')
     self._pending = (mgr, step)
+    _ORBAX_LOGS.pending = []  # orbax's threads log while they write: held until `wait`
     if wait:
       self.wait()
 
   def wait(self) -> None:
-    """Blocks until the last save is on disk; CheckpointWriteError if it failed."""
+    """Blocks until the last save is on disk; CheckpointWriteError if it failed (then the
+    log records orbax's threads wrote meanwhile are dropped, else passed on)."""
     if self._pending is None:
       return
     mgr, step = self._pending
     self._pending = None
-    with self._write_errors(mgr, step):
-      mgr.wait_until_finished()
+    try:
+      with self._write_errors(mgr, step):
+        mgr.wait_until_finished()
+    finally:
+      records, _ORBAX_LOGS.pending = _ORBAX_LOGS.pending or [], None
+    _pass_on(records)
 
   @staticmethod
   @contextlib.contextmanager

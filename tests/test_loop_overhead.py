@@ -95,7 +95,7 @@ def test_input_benchmark_parts_return_what_their_tables_print(null, tmp_path):
   args = argparse.Namespace(classes=2, per_class=8, source_size='64x48', source_hw=(48, 64),
                             size=32, batch=8, images=8, windows=1, repeats=1, cores=[1],
                             pp_train='rrc_flip', device_batches=1, e2e_pp_train='none',
-                            e2e_size=16, e2e_batch=8)
+                            e2e_on_device='host', e2e_size=16, e2e_batch=8)
   data_dir = input_bench.make_data(str(tmp_path / 'data'), args)
 
   rate = input_bench.pinned_rate(data_dir=data_dir, stream='host', cores=1, size=32, batch=8,
