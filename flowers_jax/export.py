@@ -20,7 +20,9 @@ Reads the run as `flowers_jax.predict` does (`config.json`, `checkpoints/best`, 
                'model', 'num_classes', 'options' (JSON) and 'flowers_jax' (the JSON below).
                `read_safetensors(PATH) -> (variables, metadata)`.
   savedmodel   PATH/ (a directory): a TF SavedModel through `jax2tf.convert` (variables as
-               tf.Variables, so ViT-L stays under protobuf's 2 GB), any batch size.
+               tf.Variables, so ViT-L stays under protobuf's 2 GB), any batch size (run in
+               chunks of SAVEDMODEL_CHUNK images: jax 0.12's symbolic-batch serialisation is
+               newer StableHLO than TensorFlow 2.21 reads).
                Signatures 'serving_default' (images: uint8) and 'normalized' (images: float32,
                normalised), each -> {'logits': float32 [B, N], 'probabilities': softmax}.
   stablehlo    PATH (a file): `jax.export.export(jax.jit(f))(uint8 [b, S, S, 3]).serialize()`,
@@ -270,10 +272,27 @@ def read_safetensors(path: str) -> tuple[dict, dict]:
 # ----------------------------------------------------------------- TF SavedModel
 
 
-def _serving_function(tf, converted, tf_variables, spec):
+# Images per call of the jax2tf function in a SavedModel. Its batch is static: with a symbolic
+# batch, jax (0.12) serialises a `shape_assertion` custom call as StableHLO's custom_call_v2,
+# which TensorFlow 2.21's XlaCallModule (StableHLO 1.13.7) cannot read ("unregistered operation
+# 'vhlo.custom_call_v2'"; CI, Python 3.12). The serving function pads any batch to whole chunks
+# and maps over them, so the SavedModel still takes any batch size.
+SAVEDMODEL_CHUNK = 8
+
+
+def _serving_function(tf, converted, tf_variables, spec, num_classes: int):
+  """images [n, S, S, 3] (any n) -> {'logits', 'probabilities'} [n, N], `converted` called on
+  chunks of SAVEDMODEL_CHUNK images (the last one zero-padded, its padding rows cut)."""
+  chunk, image_shape = SAVEDMODEL_CHUNK, spec.shape[1:]
+
   @tf.function(input_signature=[spec], autograph=False)
   def serve(images):
-    logits = converted(tf_variables, images)
+    n = tf.shape(images)[0]
+    padding = tf.zeros(tf.concat([[(-n) % chunk], image_shape], 0), images.dtype)
+    chunks = tf.reshape(tf.concat([images, padding], 0), [-1, chunk, *image_shape])
+    logits = tf.map_fn(lambda x: converted(tf_variables, x), chunks,
+                       fn_output_signature=tf.TensorSpec([chunk, num_classes], tf.float32))
+    logits = tf.reshape(logits, [-1, num_classes])[:n]
     return {'logits': logits, 'probabilities': tf.nn.softmax(logits)}
   return serve
 
@@ -290,10 +309,10 @@ def _write_savedmodel(run: predict.Run, path: str, info: dict) -> None:
   signatures = {}
   for name, kind in FORMATS['savedmodel'].entries.items():
     converted = jax2tf.convert(logits_fn(run, kind), with_gradient=False,
-                               polymorphic_shapes=[None, f'(b, {size}, {size}, 3)'],
                                native_serialization_platforms=tuple(info['platforms']))
     spec = tf.TensorSpec([None, size, size, 3], tf.as_dtype(INPUTS[kind]), name='images')
-    signatures[name] = _serving_function(tf, converted, tf_variables, spec)
+    signatures[name] = _serving_function(tf, converted, tf_variables, spec,
+                                         int(run.config.model.num_classes))
     setattr(module, name, signatures[name])
   tf.saved_model.save(module, path, signatures=signatures)
 

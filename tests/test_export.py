@@ -119,6 +119,11 @@ def test_savedmodel_round_trip_both_signatures(workdir, reference, tmp_path):
   assert np.allclose(got['probabilities'].numpy().sum(-1), 1, atol=1e-5)
   got = loaded.signatures['normalized'](images=tf.constant(inputs[:3]))
   assert _max_diff(got['logits'], logits[:3]) <= TOL
+  # Any batch size: 11 images are two chunks of export.SAVEDMODEL_CHUNK, the last one padded.
+  eleven = np.concatenate([pixels, pixels[:3]])
+  got = loaded.signatures['serving_default'](images=tf.constant(eleven))
+  assert got['logits'].shape[0] == 11 > export.SAVEDMODEL_CHUNK
+  assert _max_diff(got['logits'], np.concatenate([logits, logits[:3]])) <= TOL
 
 
 def test_torchvision_round_trip_strict(workdir, reference, tmp_path):
