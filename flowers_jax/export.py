@@ -104,12 +104,12 @@ class ExportError(ValueError):
 
 def _data_config(config):
   """`config.data` resolved by `dataset.DataConfig.parse` (eval_resize 0, interpolation '',
-  mean / std () filled in); keys an older config.json lacks take `base_config()`'s values."""
+  mean / std () filled in); keys an older config.json lacks take `config.BASE`'s values
+  (`predict.over_defaults`, as `predict.load_config` does)."""
   from flowers_jax import config as config_lib
   from flowers_jax.data import dataset
-  given = dict(config.data)
-  base = config_lib.base_config().data
-  return dataset.DataConfig.parse({k: given.get(k, v) for k, v in base.items()})
+  return dataset.DataConfig.parse(predict.over_defaults(config_lib.BASE['data'],
+                                                        dict(config.data)))
 
 
 def _mean_std_from(config) -> str:
@@ -148,16 +148,11 @@ INPUTS: dict[str, str] = {'uint8': 'uint8', 'normalized': 'float32'}
 
 
 def logits_fn(run: predict.Run, kind: str = 'uint8') -> Callable:
-  """`f(variables, images [B, S, S, 3] of dtype INPUTS[kind]) -> float32 logits [B, N]`."""
-  import jax.numpy as jnp
-  from flowers_jax import normalization
-  t, model = eval_transform(run.config), run.model
+  """`f(variables, images [B, S, S, 3] of dtype INPUTS[kind]) -> float32 logits [B, N]`:
+  predict's own function (`predict.Run.logits_fn`: uint8 normalised with the run's mean / std,
+  the `eval_transform`'s), so an export computes what `predict` does."""
   assert kind in INPUTS, kind
-
-  def f(variables, images):
-    x = normalization.normalize(images, t['mean'], t['std'])  # (x / 255 - mean) / std
-    return model.apply(variables, x, train=False)[0].astype(jnp.float32)
-  return f
+  return run.logits_fn()
 
 
 def _image_spec(run: predict.Run, kind: str):

@@ -70,15 +70,20 @@ class Run:
     cfg = dataset.DataConfig.parse(self.config.data)
     return cfg.mean, cfg.std
 
+  def logits_fn(self) -> Callable:
+    """The pure `f(variables, images [B, S, S, 3]) -> float32 logits [B, num_classes]` of
+    `logits` (and of every export): uint8 pixels are normalised with the run's mean / std
+    (`normalization.normalize`), floats taken as normalised."""
+    from flowers_jax import normalization
+    model, (mean, std) = self.model, self.mean_std
+    return lambda v, x: model.apply(
+        v, normalization.normalize(x, mean, std), train=False)[0].astype('float32')
+
   def logits(self, images: np.ndarray) -> np.ndarray:
-    """[B, S, S, 3] in the eval view -> float32 [B, num_classes]: uint8 pixels are normalised
-    with the run's mean / std (`normalization.normalize`), floats taken as normalised."""
+    """[B, S, S, 3] in the eval view -> float32 [B, num_classes] (`logits_fn`, jitted once)."""
     if self._apply is None:
       import jax
-      from flowers_jax import normalization
-      model, (mean, std) = self.model, self.mean_std
-      self._apply = jax.jit(lambda v, x: model.apply(
-          v, normalization.normalize(x, mean, std), train=False)[0].astype('float32'))
+      self._apply = jax.jit(self.logits_fn())
     return np.asarray(self._apply(self.variables, images))
 
 
@@ -98,17 +103,17 @@ def load_config(workdir: str):
     raise PredictError(f'{path} not found: --workdir must be a directory written by '
                        'flowers_jax.main')
   with open(path) as f:
-    return ml_collections.ConfigDict(_over_defaults(config_lib.BASE, json.load(f)))
+    return ml_collections.ConfigDict(over_defaults(config_lib.BASE, json.load(f)))
 
 
-def _over_defaults(defaults: dict, saved: dict) -> dict:
+def over_defaults(defaults: dict, saved: dict) -> dict:
   """`saved` with the keys it lacks taken from `defaults`, section by section."""
   out = dict(saved)
   for k, v in defaults.items():
     if k not in out:
       out[k] = v
     elif isinstance(v, dict) and isinstance(out[k], dict):
-      out[k] = _over_defaults(v, out[k])
+      out[k] = over_defaults(v, out[k])
   return out
 
 

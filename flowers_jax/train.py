@@ -63,7 +63,8 @@ import ml_collections
 import numpy as np
 
 from flowers_jax import checkpoint as ckpt_lib
-from flowers_jax import config_checks, evaluators, losses, models, optim, parallel, steps
+from flowers_jax import config_checks, evaluators, losses, models, normalization, optim
+from flowers_jax import parallel, steps
 from flowers_jax.steps import TrainState
 from flowers_jax.workdir_lock import WorkdirLock
 
@@ -124,9 +125,10 @@ def resolve_preprocessing(config: ml_collections.ConfigDict) -> str | None:
   """Fills `data.mean`, `data.std`, `data.interpolation` and `data.eval_resize` where the
   config leaves them at their auto value ((), (), '', 0): from the weights' own preprocessing
   (a timm `pretrained_cfg`: `weights.preprocessing`), else mean / std / interpolation from
-  `data.DataConfig.parse`'s defaults (ImageNet's, bilinear; eval_resize stays 0: 256/224 of
-  the crop). Values the config sets explicitly win. The filled config is what config.json
-  records, so predict and export follow it. Returns what the weights set, as a sentence."""
+  the data config's defaults (ImageNet's, bilinear: what `data.DataConfig.parse` fills;
+  eval_resize stays 0: 256/224 of the crop). Values the config sets explicitly win. The
+  filled config is what config.json records, so predict and export follow it. Returns what
+  the weights set, as a sentence."""
   from flowers_jax.data import dataset  # no TensorFlow: the data config's defaults
   d = config.data
   spec = weights_spec(config.init)
@@ -139,9 +141,8 @@ def resolve_preprocessing(config: ml_collections.ConfigDict) -> str | None:
              'interpolation': pre['interpolation'],
              'eval_resize': int(math.floor(d.image_size / pre['crop_pct']))}
   else:
-    defaults = dataset.DataConfig.parse({**d.to_dict(), 'mean': (), 'std': (),
-                                         'interpolation': ''})
-    given = {k: getattr(defaults, k) for k in ('mean', 'std', 'interpolation')}
+    given = {'mean': normalization.IMAGENET_MEAN, 'std': normalization.IMAGENET_STD,
+             'interpolation': dataset.DEFAULT_INTERPOLATION}
   taken = {k: v for k, v in given.items() if _is_auto(d[k], _AUTO_DATA[k])}
   for k, v in taken.items():
     d[k] = v
